@@ -1,0 +1,237 @@
+"""The one config schema: params.yaml, validated before any stage does work.
+
+``load_params()`` reads params.yaml into typed pydantic models. Any bad value
+(unknown key, wrong type, even gamma, scales not ascending...) raises
+:class:`ParamsError` whose message is one line naming the key, the value and
+what is allowed, e.g.::
+
+    params.yaml: model.gamma = 2 is not allowed: 0, an odd integer (1, 3, 5...) or the reciprocal of one (1/3, 1/5...)
+
+Later stages add their own sections here; nothing reads params.yaml elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LAYOUTS = ("synthetic", "market1501", "dukemtmc", "cuhk03", "msmt17", "viper", "caviar")
+
+# The standard number of test identities of each dataset's LR protocol
+# (PRI Sec. 4.1, FFSR Sec. 5.1); split.test_identities = null picks these.
+STANDARD_TEST_IDENTITIES = {
+    "market1501": 750,
+    "dukemtmc": 702,
+    "cuhk03": 100,
+    "msmt17": 3060,
+    "viper": 316,
+    "caviar": 25,
+}
+
+
+class ParamsError(ValueError):
+    """params.yaml holds a value no stage can use; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_scales(v: list[float], name: str) -> list[float]:
+    if not v:
+        raise ValueError(f"a non-empty ascending list of {name} >= 1, e.g. [1, 2, 3, 4]")
+    if any(s < 1 for s in v):
+        raise ValueError(f"{name} >= 1 only (a value < 1 would up-sample)")
+    if any(b <= a for a, b in zip(v, v[1:])):
+        raise ValueError(f"{name} in strictly ascending order, e.g. [2, 3, 4]")
+    return v
+
+
+class SyntheticParams(_Section):
+    """The procedural default dataset written to data/raw by `lrreid synthesize`."""
+
+    seed: int = 0
+    identities: int = Field(500, ge=4)
+    train_identities: int = Field(400, ge=2)  # the layout's own bounding_box_train share
+    cameras: int = Field(2, ge=2, le=9)
+    images_per_camera: int = Field(4, ge=1)
+    height: int = Field(128, ge=32)
+    width: int = Field(64, ge=16)
+
+    @model_validator(mode="after")
+    def _train_fits(self):
+        if self.train_identities >= self.identities:
+            raise ValueError(
+                f"train_identities ({self.train_identities}) must be smaller than identities ({self.identities})"
+            )
+        return self
+
+
+class DataParams(_Section):
+    layout: Literal[LAYOUTS] = "synthetic"  # type: ignore[valid-type]
+    cuhk03_variant: Literal["labeled", "detected"] = "labeled"
+    synthetic: SyntheticParams = SyntheticParams()
+
+
+class DegradeParams(_Section):
+    """Low-resolution protocols: MLR (SING), VR (FFSR) or genuine LR (CAVIAR)."""
+
+    protocol: Literal["mlr", "vr", "genuine"] = "mlr"
+    seed: int = 0
+    hr_height: int = Field(128, ge=16)  # canonical HR size (MLR / genuine HR camera)
+    hr_width: int = Field(64, ge=8)
+    scales: list[float] = [2, 3, 4]  # MLR down-sampling factors r, drawn uniformly
+    width_range: tuple[int, int] = (8, 32)  # VR: target width drawn from [lo, hi)
+    lr_camera: int | Literal["auto"] = "auto"  # genuine: the LR camera; auto = smaller images
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v):
+        return _check_scales(v, "down-sampling factors")
+
+    @field_validator("width_range")
+    @classmethod
+    def _width_range(cls, v):
+        if not (1 <= v[0] < v[1]):
+            raise ValueError("[lo, hi) with 1 <= lo < hi, e.g. [8, 32]")
+        return v
+
+
+class SplitParams(_Section):
+    seed: int = 0  # one identity split per seed; the paper's ten re-splits are ten seeds
+    test_identities: int | None = Field(None, ge=1)  # null: the dataset's standard size
+    repeats: int = Field(10, ge=1, le=100)  # gallery draws within one split
+
+
+class ModelParams(_Section):
+    scales: list[float] = [1, 2, 3, 4]  # PRI's alternatives r_1..r_N (also the r_sl set)
+    gamma: float = 1.0  # regulatory factor of Eq. 3
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v):
+        return _check_scales(v, "scale factors")
+
+    @field_validator("gamma", mode="before")
+    @classmethod
+    def _gamma(cls, v):
+        return parse_gamma(v)
+
+
+class TrainParams(_Section):
+    identities_per_batch: int = Field(8, ge=2)  # P of the P x K identity sampler
+    images_per_identity: int = Field(4, ge=1)  # K
+    flip_p: float = Field(0.5, ge=0, le=1)  # joint horizontal flip of {x_h, x_l, x_sl}
+    seed: int = 0
+    lr_backbone: float = Field(0.01, gt=0)  # Adam learning rate of the backbones
+    lr_head: float = Field(0.1, gt=0)  # Adam learning rate of the added layers
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    degrade: DegradeParams = DegradeParams()
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        syn = self.data.synthetic
+        if self.data.layout == "synthetic" and self.split.test_identities is not None:
+            if self.split.test_identities >= syn.identities:
+                raise _KeyError(
+                    "split.test_identities",
+                    self.split.test_identities,
+                    f"fewer than the {syn.identities} identities of data.synthetic.identities "
+                    "(some must stay for training)",
+                )
+        if self.degrade.protocol == "vr" and self.degrade.width_range[0] > self.degrade.hr_width:
+            raise _KeyError(
+                "degrade.width_range", list(self.degrade.width_range),
+                f"widths below degrade.hr_width ({self.degrade.hr_width})",
+            )
+        return self
+
+
+class _KeyError(ValueError):
+    def __init__(self, key: str, value: Any, allowed: str):
+        super().__init__(allowed)
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def parse_gamma(v: Any) -> float:
+    """gamma of Eq. 3: 0, an odd integer, or the reciprocal of one ("1/3" or 0.3333...)."""
+    allowed = "0, an odd integer (1, 3, 5...) or the reciprocal of one (1/3, 1/5...)"
+    try:
+        g = float(Fraction(v)) if isinstance(v, str) else float(v)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ValueError(allowed) from None
+    if isinstance(v, bool) or not math.isfinite(g) or g < 0:
+        raise ValueError(allowed)
+    if g == 0:
+        return 0.0
+    for candidate in (g, 1.0 / g):
+        n = round(candidate)
+        if abs(candidate - n) < 1e-6 and n % 2 == 1:
+            return float(n) if candidate is g else 1.0 / n
+    raise ValueError(allowed)
+
+
+def _format_error(err: dict, source: str, raw: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyError):
+        return f"{source}: {ctx_err.key} = {ctx_err.value!r} is not allowed: {ctx_err.allowed}"
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = _lookup_model(loc.rsplit(".", 1)[0] if "." in loc else "")
+        known = ", ".join(section.model_fields) if section else ""
+        where = f" under {loc.rsplit('.', 1)[0]}" if "." in loc else ""
+        return f"{source}: {loc} is not a known key{where}; known keys: {known} (check the spelling)"
+    if kind == "missing":
+        return f"{source}: {loc} is missing; add it (see README, params section)"
+    msg = str(ctx_err) if ctx_err is not None else err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    return f"{source}: {loc} = {value!r} is not allowed: {msg}"
+
+
+def _lookup_model(dotted: str):
+    model: type[BaseModel] = Params
+    for part in filter(None, dotted.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def validate_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError with one line on the first problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections (data, degrade, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_error(exc.errors()[0], source, raw)) from None
+    except _KeyError as exc:
+        raise ParamsError(f"{source}: {exc.key} = {exc.value!r} is not allowed: {exc.allowed}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (the only reader of that file)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return validate_params(raw, str(path))

@@ -1,0 +1,1 @@
+"""One thin module per pipeline stage; each is a `lrreid <stage>` command and a dvc.yaml stage."""

@@ -1,0 +1,56 @@
+"""What every stage shares: logging set-up, params loading, the error exit, paths.
+
+Paths are the ones dvc.yaml names; a stage's command-line options default to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from contextlib import contextmanager
+
+from components.config import Params, ParamsError, load_params
+
+RAW = "data/raw"  # the source dataset in its standard layout, tracked by data.dvc
+CANONICAL = "data/canonical.parquet"
+DEGRADED = "data/degraded.parquet"
+SPLIT_DIR = "data/split"
+REPORTS = "reports"
+
+log = logging.getLogger("lrreid")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def add_params_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def params_from(args: argparse.Namespace) -> Params:
+    """Load and validate params before the stage does any work."""
+    return load_params(args.params)
+
+
+@contextmanager
+def timed(what: str):
+    start = time.perf_counter()
+    yield
+    log.info("%s took %.1f s", what, time.perf_counter() - start)
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says what to change."""
+
+
+# errors a user can fix: printed as one line, exit code 2, no traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, StageError, FileNotFoundError, ValueError)

@@ -1,0 +1,82 @@
+"""Materialise data/raw, the source dataset that data.dvc tracks.
+
+With data.layout = synthetic, generate the procedural pedestrian dataset
+(params data.synthetic.*) into data/raw in Market-1501 layout. The bytes
+depend only on those params, so a fresh clone regenerates exactly the directory
+whose md5 data.dvc records, and needs no DVC remote. A manifest
+(SYNTHETIC.json) inside the folder records the params; when it matches, nothing
+is regenerated. With a real layout, only check that data/raw is there.
+
+Inputs:  params data.layout, data.synthetic.*
+Outputs: data/raw/ (then `dvc add data/raw` records a new version in data.dvc)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from components.data import synthetic
+from components.fsutil import atomic_path
+from pipelines.common import RAW, StageError, add_params_arg, log, params_from, timed
+
+MANIFEST = "SYNTHETIC.json"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_params_arg(parser)
+    parser.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
+
+
+def _dvc_status(target: str) -> dict | None:
+    """DVC's own view of data.dvc: {} when data/raw has the recorded md5, None without DVC repo."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(".") as repo:
+            return repo.status(targets=[target])
+    except Exception as exc:  # not a DVC repo, or no data.dvc yet
+        log.debug("dvc status %s: %s", target, exc)
+        return None
+
+
+def run(args: argparse.Namespace) -> None:
+    params = params_from(args)
+    raw = Path(RAW)
+    if params.data.layout != "synthetic":
+        if not raw.is_dir():
+            raise StageError(
+                f"{raw}: missing; data.layout = {params.data.layout} reads a real dataset from there: "
+                f"place it in its standard layout (README, 'Bring a real dataset') or `dvc pull`"
+            )
+        log.info("data.layout = %s: using %s as it is", params.data.layout, raw)
+        return
+    want = params.data.synthetic.model_dump()
+    manifest = raw / MANIFEST
+    if raw.exists() and not args.force:
+        try:
+            have = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            have = None
+        if have == want:
+            log.info("%s already holds the synthetic dataset of these params; nothing to do", raw)
+            _report_dvc(raw)
+            return
+        log.info("%s was made with other params (or is not synthetic): regenerating", raw)
+    with timed("synthesis"), atomic_path(raw) as tmp:
+        counts = synthetic.generate(tmp, params.data.synthetic, progress=not args.no_progress)
+        (tmp / MANIFEST).write_text(json.dumps(want, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s: %s", raw, counts)
+    _report_dvc(raw)
+
+
+def _report_dvc(raw: Path) -> None:
+    status = _dvc_status("data.dvc")
+    if status == {}:
+        log.info("%s matches the md5 recorded in data.dvc", raw)
+    elif status:
+        log.warning(
+            "%s differs from the version data.dvc records (other data.synthetic params?); "
+            "record it with `dvc add %s` and commit data.dvc", raw, raw,
+        )
