@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
-	$(UV) pip install -q --python $(BIN)/python -r requirements.lock
+	$(UV) pip install -q --compile-bytecode --python $(BIN)/python -r requirements.lock
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $@
 
