@@ -31,5 +31,5 @@ lock:                   ## re-pin requirements.lock from requirements.in
 	    --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 bench: install          ## run the benchmarks (results go to BENCHMARKS.md by hand)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/bench_data.py
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/bench_repro_noop.sh
+	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_repro_noop.py

@@ -108,9 +108,59 @@ class SplitParams(_Section):
     repeats: int = Field(10, ge=1, le=100)  # gallery draws within one split
 
 
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
+
+
+class SRParams(_Section):
+    """G, the recovery module: RDN feature extractor + meta-upscale (Meta-SR)."""
+
+    kind: Literal["rdn", "bicubic"] = "rdn"  # bicubic: the no-parameter baseline
+    blocks: int = Field(3, ge=1)  # RDN: D residual dense blocks (paper: 16)
+    convs_per_block: int = Field(3, ge=1)  # C (paper: 8)
+    growth: int = Field(16, ge=1)  # G (paper: 64)
+    channels: int = Field(32, ge=1)  # G0 (paper: 64)
+    kernel: int = Field(3, ge=1)  # k of the k x k filter the meta-upscale predicts
+    meta_hidden: int = Field(256, ge=1)  # hidden width of the weight-prediction MLP
+    weights: str | None = None  # local SR state dict (e.g. pre-trained on DIV2K)
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd_kernel(cls, v):
+        if v % 2 != 1:
+            raise ValueError("an odd filter size (1, 3, 5...)")
+        return v
+
+
+class FFSRParams(_Section):
+    """FFSR: conv autoencoder with two stride-2 downs / ups and symmetric skips."""
+
+    channels: int = Field(32, ge=1)  # feature channels of the first level (x2 per down)
+    sigma: float = Field(0.5, gt=0)  # Gaussian foreground mask, sigma relative to the image size
+    weights: str | None = None
+
+
+class RIFEParams(_Section):
+    """RIFE: dual-stream (L / H) ResNet stages fused by predicted weights."""
+
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # paper: resnet50
+    feature_dim: int = Field(256, ge=1)  # the final feature f
+    weight_hidden: int = Field(64, ge=1)  # FC -> ReLU -> FC -> sigmoid predicting w^L, w^H
+
+
 class ModelParams(_Section):
     scales: list[float] = [1, 2, 3, 4]  # PRI's alternatives r_1..r_N (also the r_sl set)
     gamma: float = 1.0  # regulatory factor of Eq. 3
+    omega: int = Field(1, ge=0)  # refresh soft labels every omega epochs; 0: random per epoch
+    label: Literal["soft", "onehot"] = "soft"  # dynamic soft label, or one-hot (PRI Table 3)
+    backbone: Literal[BACKBONES] = "resnet18"  # type: ignore[valid-type]  # P and F (paper: resnet50)
+    backbone_weights: str | None = None  # local torchvision ImageNet state dict; null: random init
+    input_height: int = Field(128, ge=16)  # images are resized to this before P and F (paper: 384)
+    input_width: int = Field(64, ge=8)  # (paper: 128)
+    feature_dim: int = Field(512, ge=1)  # 1x1 conv after pooling (paper: 2048 -> 512)
+    reid: Literal["resnet", "rife"] = "resnet"  # F: the paper's ResNet module or RIFE ("RIFE + PRI")
+    sr: SRParams = SRParams()
+    ffsr: FFSRParams = FFSRParams()
+    rife: RIFEParams = RIFEParams()
 
     @field_validator("scales")
     @classmethod
@@ -121,6 +171,17 @@ class ModelParams(_Section):
     @classmethod
     def _gamma(cls, v):
         return parse_gamma(v)
+
+
+class LossParams(_Section):
+    """Weights of Eq. 6 (PRI) and Eq. 4 / 9 (FFSR + RIFE)."""
+
+    alpha: float = Field(1.0, ge=0)  # L_id
+    beta: float = Field(0.01, ge=0)  # L_tri (PRI: 0.01)
+    lambda_p: float = Field(1.0, ge=0)  # L_p (PRI: 1)
+    margin: float = Field(10.0, gt=0)  # phi of L_tri (PRI: 10)
+    beta_r: float = Field(0.1, ge=0)  # RIFE: weight of the resolution weighting losses L^R (Eq. 9)
+    alpha_rife: float = Field(1.0, ge=0)  # FFSR + RIFE: weight of L^RIFE against L^FFSR (Eq. 4)
 
 
 class TrainParams(_Section):
@@ -137,6 +198,7 @@ class Params(_Section):
     degrade: DegradeParams = DegradeParams()
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
+    loss: LossParams = LossParams()
     train: TrainParams = TrainParams()
 
     @model_validator(mode="after")
@@ -225,13 +287,44 @@ def validate_params(raw: dict, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: {exc.key} = {exc.value!r} is not allowed: {exc.allowed}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml (the only reader of that file)."""
-    path = Path(path)
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return validate_params(raw, str(path))
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """Deep-merge ``overlay`` into a copy of ``base`` (mappings merge, other values replace)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_overrides(name: str) -> dict:
+    """The overrides of preset ``name`` (presets/<name>.yaml), e.g. ``paper``."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ParamsError(f"preset {name!r} is not known; known presets: {', '.join(known)}")
+    return _read_yaml(path)
+
+
+def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> Params:
+    """Read and validate params.yaml (the only reader of that file), optionally with a preset on top."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    source = str(path)
+    if preset:
+        raw = merge(raw, preset_overrides(preset))
+        source = f"{path} + preset {preset}"
+    return validate_params(raw, source)

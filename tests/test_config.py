@@ -58,3 +58,12 @@ def test_load_params_file_errors(tmp_path):
     ok = tmp_path / "p.yaml"
     ok.write_text(yaml.safe_dump({"model": {"gamma": "1/3"}}))
     assert load_params(ok).model.gamma == pytest.approx(1 / 3)
+
+
+def test_paper_preset_applies_the_papers_sizes():
+    p = load_params("params.yaml", preset="paper")
+    assert (p.model.backbone, p.model.input_height, p.model.input_width) == ("resnet50", 384, 128)
+    assert (p.model.sr.blocks, p.model.sr.convs_per_block, p.model.sr.growth, p.model.sr.channels) == (16, 8, 64, 64)
+    assert load_params("params.yaml").model.backbone == "resnet18"  # the default stays the CPU one
+    with pytest.raises(ParamsError, match="known presets: paper"):
+        load_params("params.yaml", preset="huge")

@@ -111,6 +111,10 @@ def test_exp_changing_degrade_scales_reruns_only_dependents(project):
     assert _ran(out.stdout) == {"degrade", "split"}, out.stdout
     report = json.loads((project / "reports" / "degrade.json").read_text())
     assert set(report["lr_images_per_scale"]) == {"x2", "x3"}
+    # one of the paper's ten re-splits: only the split stage runs
+    out = sh(["dvc", "exp", "run", "-S", "split.seed=1"], project)
+    assert _ran(out.stdout) == {"split"}, out.stdout
+    assert json.loads((project / "reports" / "split.json").read_text())["seed"] == 1
 
 
 def test_bad_params_stop_before_any_work(project, tmp_path):

@@ -329,7 +329,7 @@ def _load(raw_dir: Path, entries: list[Entry], desc: str, progress: bool) -> pa.
     with ThreadPoolExecutor() as pool:
         try:
             results = pool.map(partial(_load_one, raw_dir), entries)
-            for result in tqdm(results, total=len(entries), desc=desc, unit="img", disable=not progress):
+            for result in tqdm(results, total=len(entries), desc=desc, unit="img", disable=None if progress else True):
                 images.append(result)
         except BaseException:
             pool.shutdown(cancel_futures=True)

@@ -184,7 +184,7 @@ def degrade(table: pa.Table, p: DegradeParams, *, progress: bool = True) -> Degr
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(tqdm(pool.map(work, jobs), total=len(jobs), desc=f"degrade ({p.protocol})",
-                             disable=not progress, unit="img"))
+                             disable=None if progress else True, unit="img"))
     rows = [j.row for j in jobs]
     base = table.take(pa.array(rows, type=pa.int64()))
     out = pa.table(

@@ -538,7 +538,7 @@ def generate(out_dir: str | Path, params: SyntheticParams, progress: bool = True
     attrs = identity_attributes(params.seed, params.identities)
     counts = {TRAIN_DIR: 0, GALLERY_DIR: 0, QUERY_DIR: 0}
     total = params.identities * params.cameras * params.images_per_camera
-    with tqdm(total=total, desc="synthesize", unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc="synthesize", unit="img", disable=None if progress else True) as bar:
         for a in attrs:
             pid = a["pid"]
             for camera in range(1, params.cameras + 1):

@@ -1,0 +1,1 @@
+"""Models of both papers: G (recovery), P, F, FFSR, RIFE, and PRI composed."""

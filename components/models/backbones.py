@@ -1,0 +1,141 @@
+"""torchvision backbones for P, F and RIFE, cut before their pooling / classifier.
+
+Every model is built with ``weights=None``: nothing is downloaded at run time.
+ImageNet weights come only from a local file (``model.backbone_weights``), a
+state dict as saved by ``torch.save(torchvision.models.resnet50().state_dict())``;
+it is loaded into the *full* torchvision model (so ``fc.*`` / ``classifier.*``
+keys are accepted) before the model is cut.
+
+ResNets use the re-id "last stride 1" trick by default: the first block of
+layer4 keeps stride 1, so the final map is 1/16 of the input instead of 1/32.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
+RESNETS = ("resnet18", "resnet34", "resnet50")
+STAGE_CHANNELS = {
+    "resnet18": [64, 128, 256, 512],
+    "resnet34": [64, 128, 256, 512],
+    "resnet50": [256, 512, 1024, 2048],
+}
+MOBILENET_CHANNELS = 576  # mobilenet_v3_small.features output
+
+
+def _check_name(name: str, allowed=BACKBONES) -> None:
+    if name not in allowed:
+        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(allowed)}")
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, name: str) -> None:
+    """Load a local state dict into ``model`` (a full torchvision ``name``), strictly.
+
+    Missing file -> FileNotFoundError; a file that is not a plain tensor state dict
+    (``torch.load(weights_only=True)`` refuses pickled objects) or whose keys /
+    shapes do not fit -> ValueError naming some of the offending keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights {str(path)!r} (params: model.backbone_weights) not found; "
+            f"nothing is downloaded at run time: save a torchvision {name} state dict there "
+            f"(torch.save(torchvision.models.{name}(weights=...).state_dict(), path)) or set "
+            f"model.backbone_weights: null for random init"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"backbone weights {str(path)!r} (model.backbone_weights) is not a plain state dict "
+            f"of tensors (torch.load weights_only=True refused it): {str(exc).splitlines()[0]}"
+        ) from exc
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"backbone weights {str(path)!r} (model.backbone_weights): expected a state dict, "
+            f"got {type(state).__name__}"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")
+        raise ValueError(
+            f"backbone weights {str(path)!r} (model.backbone_weights) do not fit torchvision "
+            f"{name}: " + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _set_last_stride(net: torchvision.models.ResNet, stride: int) -> None:
+    block = net.layer4[0]
+    # Bottleneck (resnet50) strides in conv2, BasicBlock (resnet18/34) in conv1
+    conv = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+    conv.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
+def _torchvision(name: str, weights, last_stride: int) -> nn.Module:
+    _check_name(name)
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights is not None:
+        load_backbone_weights(net, weights, name)
+    if name in RESNETS:
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        _set_last_stride(net, last_stride)
+    return net
+
+
+def resnet_stages(
+    name: str, weights: str | Path | None = None, last_stride: int = 1
+) -> tuple[nn.Module, list[nn.Module], list[int]]:
+    """(stem, [layer1..layer4], their out channels) of a torchvision ResNet (for RIFE).
+
+    stem = conv1, bn1, relu, maxpool; chaining stem and the four stages gives the
+    same map as ``build_backbone(name, weights, last_stride)``.
+    """
+    _check_name(name, RESNETS)
+    net = _torchvision(name, weights, last_stride)
+    stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    return stem, stages, list(STAGE_CHANNELS[name])
+
+
+def build_backbone(
+    name: str, weights: str | Path | None = None, last_stride: int = 1
+) -> tuple[nn.Module, int]:
+    """A torchvision model cut before pooling: x [B,3,H,W] -> maps [B,C,h,w], and C.
+
+    ResNets keep torchvision's key names (``conv1.weight``, ``layer4.2...``);
+    ``last_stride`` is ignored for mobilenet_v3_small.
+    """
+    _check_name(name)
+    if name in RESNETS:
+        net = _torchvision(name, weights, last_stride)
+        body = nn.Sequential(
+            OrderedDict(
+                (k, getattr(net, k))
+                for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+            )
+        )
+        return body, STAGE_CHANNELS[name][-1]
+    net = _torchvision(name, weights, last_stride)
+    return net.features, MOBILENET_CHANNELS
