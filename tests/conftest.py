@@ -33,3 +33,26 @@ def make_canonical(n_ids=6, cams=(1, 2), per_cam=3, size=(32, 16), seed=0, sourc
 @pytest.fixture
 def canonical() -> pa.Table:
     return make_canonical()
+
+
+def tiny_model_params(**overrides):
+    """A PRI small enough for unit tests on a CPU (32x16 images)."""
+    from components.config import ModelParams, SRParams
+
+    sr = SRParams(blocks=1, convs_per_block=2, growth=8, channels=8, meta_hidden=16)
+    base = dict(backbone="resnet18", input_height=32, input_width=16, feature_dim=32, sr=sr)
+    return ModelParams(**{**base, **overrides})
+
+
+def tiny_triplet_batch(n_ids=4, per_cam=2, P=4, K=2, seed=0):
+    """One real TripletBatch: canonical table -> MLR degrade -> split -> TripletDataset -> loader."""
+    from components.config import DegradeParams
+    from components.data.dataset import make_train_loader
+    from components.data.protocols import degrade
+    from components.data.splits import split_identities
+
+    canonical = make_canonical(n_ids=n_ids + 1, per_cam=per_cam, size=(32, 16), seed=seed)
+    deg = degrade(canonical, DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]), progress=False).table
+    res = split_identities(deg, n_test=1, repeats=1, seed=seed)
+    loader = make_train_loader(res.table, res.pairs, scales=[1, 2, 3, 4], P=P, K=K, flip_p=0.5, seed=seed)
+    return next(iter(loader)), loader.dataset.num_classes

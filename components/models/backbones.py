@@ -35,38 +35,54 @@ def _check_name(name: str, allowed=BACKBONES) -> None:
         raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(allowed)}")
 
 
+def _shape(v) -> str:
+    return str(tuple(v.shape)) if torch.is_tensor(v) else type(v).__name__
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path, name: str) -> None:
     """Load a local state dict into ``model`` (a full torchvision ``name``), strictly.
 
-    Missing file -> FileNotFoundError; a file that is not a plain tensor state dict
+    Same rules as ``components.models.recovery.load_weights``: a plain state dict or
+    one under "state_dict" / "model", "module." prefixes dropped. Missing file -> FileNotFoundError; a file that is not a plain tensor state dict
     (``torch.load(weights_only=True)`` refuses pickled objects) or whose keys /
     shapes do not fit -> ValueError naming some of the offending keys.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"backbone weights {str(path)!r} (params: model.backbone_weights) not found; "
-            f"nothing is downloaded at run time: save a torchvision {name} state dict there "
+            f"model.backbone_weights = {str(path)!r}: no such file. Nothing is downloaded "
+            f"at run time: save a torchvision {name} state dict there "
             f"(torch.save(torchvision.models.{name}(weights=...).state_dict(), path)) or set "
             f"model.backbone_weights: null for random init"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc).split("WeightsUnpickler error:")[-1].strip()
+        why = text.split("\n")[0].split(". ")[0] or "unreadable"
         raise ValueError(
-            f"backbone weights {str(path)!r} (model.backbone_weights) is not a plain state dict "
-            f"of tensors (torch.load weights_only=True refused it): {str(exc).splitlines()[0]}"
-        ) from exc
+            f"model.backbone_weights = {str(path)!r}: not a plain state dict "
+            f"of tensors; torch.load(weights_only=True) refused it ({why})"
+        ) from None
+    except (RuntimeError, EOFError) as exc:
+        raise ValueError(
+            f"model.backbone_weights = {str(path)!r}: not readable by torch.load: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict):
         raise ValueError(
-            f"backbone weights {str(path)!r} (model.backbone_weights): expected a state dict, "
-            f"got {type(state).__name__}"
+            f"model.backbone_weights = {str(path)!r}: holds a {type(state).__name__}, not a state dict"
         )
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k} file {_shape(state[k])} vs model {tuple(v.shape)}"
         for k, v in own.items()
         if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
     ]
@@ -77,8 +93,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path, name: str) -> None
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")
         raise ValueError(
-            f"backbone weights {str(path)!r} (model.backbone_weights) do not fit torchvision "
-            f"{name}: " + "; ".join(parts)
+            f"model.backbone_weights = {str(path)!r} does not fit torchvision {name}: "
+            + "; ".join(parts) + ". Check model.backbone"
         )
     model.load_state_dict(state, strict=True)
 

@@ -1,0 +1,239 @@
+"""PRI: Prediction, Recovery and Identification (PRI Sec. 3), composed of P, G and F.
+
+Training forward (one call per batch of triplets {x_h, x_l, x_sl}):
+
+- joint: p = P(x_l) (Eq. 1), r_p = argmax p; x_l recovered at r_p, x_sl at r_sl;
+  F embeds G_{r_p}(x_l), G_{r_sl}(x_sl) and x_h in ONE batch (so BatchNorm sees
+  all three); returns every term the losses need.
+- pretrain (Sec. 3.5): no P; x_l and x_sl both recovered at one randomly chosen
+  scale each.
+
+Soft labels (Eq. 3) need F(G_{r_i}(x_l)) for every alternative r_i:
+:meth:`PRI.scale_distances` computes d_i = ||f_{r_i} - f_{x_h}|| without
+gradients (the label bank calls it once per omega epochs; the naive way calls it
+every step).
+
+Inference: ``embed_probe(x_l, choose)`` -> (feature, r_p, probabilities) with a
+pluggable scale choice: :class:`Adaptive` (P), :class:`Fixed`, :class:`SizeBased`,
+or the oracle :func:`ideal_scale` (PRI Table 2); ``embed_gallery(x_h)``.
+
+F may be the paper's ResNet module or RIFE ("standard re-id model + PRI").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from components.config import ModelParams
+from components.data.dataset import SizeGroup, TripletBatch, ungroup
+from components.losses import pairwise_distances
+from components.models.reid import ReIDOutput
+
+Groups = list[SizeGroup]
+
+
+def as_groups(x: torch.Tensor | Groups) -> tuple[Groups, int]:
+    """Accept one same-size batch or size groups; return (groups, batch size)."""
+    if isinstance(x, torch.Tensor):
+        return [SizeGroup(torch.arange(len(x), device=x.device), x)], len(x)
+    return x, sum(len(g.index) for g in x)
+
+
+def _split_output(out: ReIDOutput, sizes: list[int]) -> list[ReIDOutput]:
+    feats = out.feature.split(sizes)
+    logits = out.logits.split(sizes) if out.logits is not None else [None] * len(sizes)
+    extras = [{} for _ in sizes]
+    for key, value in out.extras.items():
+        for part, chunk in zip(extras, value.split(sizes)):
+            part[key] = chunk
+    return [ReIDOutput(f, lg, ex) for f, lg, ex in zip(feats, logits, extras)]
+
+
+@dataclass
+class PRIStep:
+    """What one training forward gives the losses (all in batch order)."""
+
+    r_index: torch.Tensor  # [B] index into scales used to recover x_l (r_p, or random in pretrain)
+    out_rp: ReIDOutput  # F(G_{r_p}(x_l))
+    out_sl: ReIDOutput  # F(G_{r_sl}(x_sl))
+    out_h: ReIDOutput  # F(x_h)
+    sr_sl: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (index, G_{r_sl}(x_sl)) per group
+    p_logits: torch.Tensor | None = None  # [B, N] P(x_l), joint training only
+
+
+class PRI(nn.Module):
+    def __init__(self, P: nn.Module | None, G: nn.Module, F_: nn.Module, scales, input_size: tuple[int, int]):
+        super().__init__()
+        self.P, self.G, self.F = P, G, F_
+        self.register_buffer("scales", torch.tensor([float(s) for s in scales]), persistent=False)
+        self.input_size = tuple(input_size)
+
+    # ------------------------------------------------------------------ parts
+    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == self.input_size:
+            return x
+        return F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+
+    def predict(self, x_l: torch.Tensor | Groups) -> torch.Tensor:
+        """P's logits [B, N] for x_l of mixed sizes: one P call on the resized batch (Eq. 1)."""
+        groups, B = as_groups(x_l)
+        logits = self.P(torch.cat([self._to_input(g.images) for g in groups]))
+        return ungroup(groups, list(logits.split([len(g.index) for g in groups])), B)
+
+    def recover(self, groups: Groups, r_index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """G_{r}(x) per sample, r = scales[r_index]: one G call per (size, scale) group."""
+        out = []
+        for g in groups:
+            idx_of = r_index[g.index]
+            for k in idx_of.unique().tolist():
+                sel = (idx_of == k).nonzero().squeeze(1)
+                out.append((g.index[sel], self.G(g.images[sel], float(self.scales[k]))))
+        return out
+
+    def embed(self, parts: list[tuple[torch.Tensor, torch.Tensor]], B: int) -> ReIDOutput:
+        """F on images of any sizes (resized to F's input), back in batch order."""
+        index = torch.cat([i for i, _ in parts])
+        if len(index) != B:
+            raise ValueError(f"embed got {len(index)} images for a batch of {B}")
+        out = self.F(torch.cat([self._to_input(img) for _, img in parts]))
+        order = torch.empty_like(index)
+        order[index] = torch.arange(len(index), device=index.device)
+        return ReIDOutput(out.feature[order], None if out.logits is None else out.logits[order],
+                          {k: v[order] for k, v in out.extras.items()})
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: TripletBatch, mode: str = "joint", generator: torch.Generator | None = None) -> PRIStep:
+        B = len(batch.x_h)
+        p_logits = None
+        if mode == "joint":
+            p_logits = self.predict(batch.x_l)
+            r_index = p_logits.detach().argmax(1)  # r_p = argmax_r P(x_l); no gradient reaches P from here
+        elif mode == "pretrain":
+            r_index = torch.randint(len(self.scales), (B,), generator=generator).to(batch.x_h.device)
+        else:
+            raise ValueError(f"mode {mode!r}: use 'joint' or 'pretrain'")
+        x_rp = self.recover(batch.x_l, r_index)
+        sl_index = torch.bucketize(batch.r_sl.to(self.scales), self.scales)  # r_sl -> index in scales
+        sr_sl = self.recover(batch.x_sl, sl_index)
+        # F embeds the three kinds of images in one batch: [x_rp | x_sl | x_h]
+        parts = x_rp + [(i + B, img) for i, img in sr_sl] + [(torch.arange(B, device=batch.x_h.device) + 2 * B, batch.x_h)]
+        out = _split_output(self.embed(parts, 3 * B), [B, B, B])
+        return PRIStep(r_index, out[0], out[1], out[2], sr_sl, p_logits)
+
+    @torch.no_grad()
+    def scale_distances(self, x_l: torch.Tensor | Groups, x_h: torch.Tensor) -> torch.Tensor:
+        """d_i = ||F(G_{r_i}(x_l)) - F(x_h)|| for every alternative r_i -> [B, N] (input of Eq. 3)."""
+        groups, B = as_groups(x_l)
+        f_h = self.F(self._to_input(x_h)).feature
+        d = []
+        for k in range(len(self.scales)):
+            f_r = self.embed(self.recover(groups, torch.full((B,), k, device=x_h.device)), B).feature
+            d.append((f_r - f_h).norm(dim=1))
+        return torch.stack(d, dim=1)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def embed_gallery(self, x_h: torch.Tensor) -> torch.Tensor:
+        return self.F(self._to_input(x_h)).feature
+
+    @torch.no_grad()
+    def embed_probe(self, x_l: torch.Tensor | Groups, choose=None):
+        """(feature [B, D], r_p [B] scale values, P's probabilities [B, N]) for LR probes."""
+        groups, B = as_groups(x_l)
+        probs = self.predict(groups).softmax(1) if self.P is not None else None
+        choose = choose or Adaptive()
+        r_index = choose(self, groups, B, probs)
+        feature = self.embed(self.recover(groups, r_index), B).feature
+        return feature, self.scales[r_index], probs
+
+    @torch.no_grad()
+    def embed_all_scales(self, x_l: torch.Tensor | Groups) -> torch.Tensor:
+        """Features of x_l recovered at every alternative scale -> [B, N, D] (for the ideal predictor)."""
+        groups, B = as_groups(x_l)
+        dev = groups[0].images.device
+        return torch.stack([self.embed(self.recover(groups, torch.full((B,), k, device=dev)), B).feature
+                            for k in range(len(self.scales))], dim=1)
+
+
+# ---------------------------------------------------------------------- scale choice (PRI Table 2)
+class Adaptive:
+    """r_p = argmax P(x_l): PRI's adaptive scale factor predictor."""
+
+    def __call__(self, pri: PRI, groups: Groups, B: int, probs: torch.Tensor | None) -> torch.Tensor:
+        if probs is None:
+            raise ValueError("the adaptive choice needs the predictor P; this model has none")
+        return probs.argmax(1)
+
+
+class Fixed:
+    """The same scale factor r for every probe ("Fixed x1".."Fixed x4")."""
+
+    def __init__(self, r: float):
+        self.r = float(r)
+
+    def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
+        hits = (pri.scales == self.r).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"fixed scale {self.r:g} is not one of model.scales {pri.scales.tolist()}")
+        return torch.full((B,), int(hits[0]), dtype=torch.long, device=pri.scales.device)
+
+
+class SizeBased:
+    """The alternative nearest to (mean HR training height / probe height).
+
+    PRI (after CSR-GAN) words it as a ratio of sizes; a ratio of heights is the
+    scale factor itself, which is what a scale set {1, 2, 3, 4} can express.
+    """
+
+    def __init__(self, hr_height: float):
+        self.hr_height = float(hr_height)
+
+    def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
+        out = torch.empty(B, dtype=torch.long, device=pri.scales.device)
+        for g in groups:
+            ratio = self.hr_height / g.images.shape[-2]
+            out[g.index] = int((pri.scales - ratio).abs().argmin())
+        return out
+
+
+def ideal_scale(all_scale_features: torch.Tensor, probe_pids: torch.Tensor, gallery: torch.Tensor,
+                gallery_pids: torch.Tensor) -> torch.Tensor:
+    """The oracle of PRI Table 2: per probe, the scale whose recovery ranks a true match best.
+
+    all_scale_features [B, N, D] from ``embed_all_scales``; gallery [M, D]. The
+    rank of the first true match decides; ties go to the smaller distance to it.
+    """
+    B, N, _ = all_scale_features.shape
+    d = pairwise_distances(all_scale_features.reshape(B * N, -1), gallery).reshape(B, N, -1)
+    match = (gallery_pids[None, None, :] == probe_pids[:, None, None])  # [B, 1, M]
+    d_true = d.masked_fill(~match, float("inf")).amin(2)  # [B, N] distance to the nearest true match
+    d_true = d_true.nan_to_num(posinf=1e30)  # a probe without a true match: every scale ties
+    rank = (d < d_true[..., None]).sum(2).float()  # gallery entries ranked before it
+    return (rank + d_true / (d_true.max() + 1)).argmin(1)  # rank first, then distance
+
+
+class Ideal:
+    """Wraps :func:`ideal_scale` as a scale choice (needs the gallery and the probes' ids)."""
+
+    def __init__(self, probe_pids: torch.Tensor, gallery: torch.Tensor, gallery_pids: torch.Tensor):
+        self.probe_pids, self.gallery, self.gallery_pids = probe_pids, gallery, gallery_pids
+
+    def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
+        return ideal_scale(pri.embed_all_scales(groups), self.probe_pids, self.gallery, self.gallery_pids)
+
+
+# ---------------------------------------------------------------------- construction
+def build_pri(cfg: ModelParams, num_classes: int, with_predictor: bool = True) -> PRI:
+    """PRI from params: P and F on cfg.backbone (F = RIFE if cfg.reid == 'rife'), G from cfg.sr."""
+    from components.models.recovery import build_recovery
+    from components.models.reid import build_predictor, build_reid
+    from components.models.rife import build_rife
+
+    P = build_predictor(cfg) if with_predictor else None
+    G = build_recovery(cfg.sr)
+    F_ = build_rife(cfg, num_classes) if cfg.reid == "rife" else build_reid(cfg, num_classes)
+    return PRI(P, G, F_, cfg.scales, (cfg.input_height, cfg.input_width))
