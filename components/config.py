@@ -115,10 +115,10 @@ class SRParams(_Section):
     """G, the recovery module: RDN feature extractor + meta-upscale (Meta-SR)."""
 
     kind: Literal["rdn", "bicubic"] = "rdn"  # bicubic: the no-parameter baseline
-    blocks: int = Field(3, ge=1)  # RDN: D residual dense blocks (paper: 16)
+    blocks: int = Field(2, ge=1)  # RDN: D residual dense blocks (paper: 16)
     convs_per_block: int = Field(3, ge=1)  # C (paper: 8)
     growth: int = Field(16, ge=1)  # G (paper: 64)
-    channels: int = Field(32, ge=1)  # G0 (paper: 64)
+    channels: int = Field(16, ge=1)  # G0 (paper: 64)
     kernel: int = Field(3, ge=1)  # k of the k x k filter the meta-upscale predicts
     meta_hidden: int = Field(256, ge=1)  # hidden width of the weight-prediction MLP
     weights: str | None = None  # local SR state dict (e.g. pre-trained on DIV2K)
@@ -154,8 +154,10 @@ class ModelParams(_Section):
     label: Literal["soft", "onehot"] = "soft"  # dynamic soft label, or one-hot (PRI Table 3)
     backbone: Literal[BACKBONES] = "resnet18"  # type: ignore[valid-type]  # P and F (paper: resnet50)
     backbone_weights: str | None = None  # local torchvision ImageNet state dict; null: random init
-    input_height: int = Field(128, ge=16)  # images are resized to this before P and F (paper: 384)
+    input_height: int = Field(128, ge=16)  # images are resized to this before F (paper: 384)
     input_width: int = Field(64, ge=8)  # (paper: 128)
+    predictor_height: int = Field(64, ge=16)  # ... and to this before P, which only sees x_l (paper: 384)
+    predictor_width: int = Field(32, ge=8)  # (paper: 128)
     feature_dim: int = Field(512, ge=1)  # 1x1 conv after pooling (paper: 2048 -> 512)
     reid: Literal["resnet", "rife"] = "resnet"  # F: the paper's ResNet module or RIFE ("RIFE + PRI")
     sr: SRParams = SRParams()
@@ -185,12 +187,28 @@ class LossParams(_Section):
 
 
 class TrainParams(_Section):
+    """Pretraining (T1 epochs) and joint training (T2 epochs) on Ray Train (PRI Sec. 3.5, 4.1)."""
+
+    model: Literal["pri", "ffsr_rife"] = "pri"  # which paper's model the drivers train
     identities_per_batch: int = Field(8, ge=2)  # P of the P x K identity sampler
     images_per_identity: int = Field(4, ge=1)  # K
     flip_p: float = Field(0.5, ge=0, le=1)  # joint horizontal flip of {x_h, x_l, x_sl}
     seed: int = 0
-    lr_backbone: float = Field(0.01, gt=0)  # Adam learning rate of the backbones
-    lr_head: float = Field(0.1, gt=0)  # Adam learning rate of the added layers
+    lr_backbone: float = Field(0.01, gt=0)  # Adam (0.9, 0.999) learning rate of the backbones
+    lr_head: float = Field(0.1, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers)
+    lr_decay: float = Field(0.1, gt=0, le=1)  # after T1 both rates are multiplied by this
+    pretrain_epochs: int = Field(2, ge=1)  # T1 (paper: 20; CAVIAR 60)
+    epochs: int = Field(2, ge=1)  # T2 (paper: 60; CAVIAR 140)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
+    label_refresh: Literal["cached", "naive"] = "cached"  # label bank every omega epochs, or every step
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(2, gt=0)  # also the torch threads of each worker
+    gpus_per_worker: float = Field(1, ge=0)  # used when use_gpu
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker
+    max_failures: int = Field(1, ge=-1)  # FailureConfig: worker failures to recover from
+    storage_path: str = "ray_results"  # Ray checkpoints; on a cluster: shared (NFS path, s3://...)
+    ray_address: str | None = None  # join this cluster (RAY_ADDRESS overrides); null: local Ray
 
 
 class Params(_Section):

@@ -12,12 +12,15 @@ import sys
 
 from pipelines.common import USER_ERRORS, setup_logging
 
-# stage name -> module in pipelines/ (order = the pipeline's order)
+# command -> module in pipelines/ (stages in the pipeline's order, then tools)
 STAGES = {
     "synthesize": "pipelines.synthesize",
     "ingest": "pipelines.ingest",
     "degrade": "pipelines.degrade",
     "split": "pipelines.split",
+    "pretrain": "pipelines.pretrain",
+    "train": "pipelines.train",
+    "preset": "pipelines.preset",
 }
 
 

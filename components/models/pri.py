@@ -73,15 +73,17 @@ class PRI(nn.Module):
         self.input_size = tuple(input_size)
 
     # ------------------------------------------------------------------ parts
-    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == self.input_size:
+    def _to_input(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        size = tuple(size or self.input_size)
+        if tuple(x.shape[-2:]) == size:
             return x
-        return F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def predict(self, x_l: torch.Tensor | Groups) -> torch.Tensor:
         """P's logits [B, N] for x_l of mixed sizes: one P call on the resized batch (Eq. 1)."""
         groups, B = as_groups(x_l)
-        logits = self.P(torch.cat([self._to_input(g.images) for g in groups]))
+        size = getattr(self.P, "input_size", None)
+        logits = self.P(torch.cat([self._to_input(g.images, size) for g in groups]))
         return ungroup(groups, list(logits.split([len(g.index) for g in groups])), B)
 
     def recover(self, groups: Groups, r_index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

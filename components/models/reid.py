@@ -112,7 +112,8 @@ def _input_size(cfg: ModelParams) -> tuple[int, int]:
 
 
 def build_predictor(cfg: ModelParams) -> Predictor:
-    return Predictor(cfg.backbone, len(cfg.scales), cfg.feature_dim, _input_size(cfg), cfg.backbone_weights)
+    size = (cfg.predictor_height, cfg.predictor_width)  # P sees x_l only: no need for F's input size
+    return Predictor(cfg.backbone, len(cfg.scales), cfg.feature_dim, size, cfg.backbone_weights)
 
 
 def build_reid(cfg: ModelParams, num_classes: int) -> ReIDNet:

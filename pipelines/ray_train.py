@@ -1,0 +1,300 @@
+"""Ray Train (V2) driver shared by the `pretrain` and `train` stages.
+
+``fit()`` connects to Ray (a local instance, or the cluster named by
+``RAY_ADDRESS`` / ``train.ray_address``), checks that the requested workers can
+be placed, and runs :func:`train_loop_per_worker` in a ``TorchTrainer`` with
+``ScalingConfig`` / ``RunConfig(storage_path, name)`` / ``FailureConfig`` from
+params. Every epoch each worker reports its metrics and rank 0 a checkpoint
+(model, optimiser, label bank, epoch, RNG state); MLflow is written by a
+driver-side callback only (pipelines/tracking.py).
+
+The run name is the stage plus a hash of its params and inputs, so running the
+stage again after a crash re-creates the trainer with the same
+``(storage_path, name)`` and Ray Train resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from components.config import Params
+from pipelines.common import StageError
+
+log = logging.getLogger("lrreid")
+
+
+# ---------------------------------------------------------------------- driver side
+def connect(params: Params) -> None:
+    """Join RAY_ADDRESS / train.ray_address, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or params.train.ray_address
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer: {exc}") from None
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def check_resources(params: Params) -> None:
+    """Fail before training when the workers cannot be placed (instead of waiting forever)."""
+    import ray
+
+    t = params.train
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    if t.use_gpu and total.get("GPU", 0) < 1:
+        raise StageError("train.use_gpu = true, but the Ray cluster has no GPU; set train.use_gpu: false "
+                         "(or start Ray on GPU nodes)")
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    slots = sum(min(int(n["Resources"].get(k, 0) // v) for k, v in per_worker.items() if v > 0) for n in nodes)
+    if slots < t.num_workers:
+        raise StageError(
+            f"train.num_workers = {t.num_workers} workers of {per_worker} cannot be placed: the cluster "
+            f"({len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs) fits {slots}; "
+            "lower train.num_workers or train.cpus_per_worker, or add nodes"
+        )
+
+
+def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Table, run_id: str,
+        init_state: dict | None = None, naive_labels: bool | None = None):
+    """Run the TorchTrainer for one phase; returns (final training state dict, last metrics)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.tracking import make_train_callback, tracking_uri
+
+    connect(params)
+    check_resources(params)
+    t = params.train
+    storage = t.storage_path if "://" in t.storage_path else str(Path(t.storage_path).resolve())
+    config = {
+        "params": params.model_dump(mode="json"),
+        "phase": phase,
+        "table": ray.put(table),
+        "pairs": ray.put(pairs),
+        "init_state": ray.put(init_state) if init_state is not None else None,
+        "naive_labels": (t.label_refresh == "naive") if naive_labels is None else naive_labels,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[make_train_callback(run_id, tracking_uri())],
+        ),
+    )
+    log.info("%s: %d worker(s), storage %s/%s", phase, t.num_workers, storage, name)
+    result = trainer.fit()
+    if result.error is not None:
+        raise StageError(f"{phase} failed: {result.error}")
+    metrics = dict(result.metrics or {})
+    if metrics.get("nonfinite"):
+        raise StageError(f"{phase} stopped: {metrics.get('error')}")
+    if result.checkpoint is None:
+        raise StageError(f"{phase} finished without a checkpoint in {storage}/{name}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    backfill_history(run_id, state["extra"].get("history", []))
+    return state, metrics
+
+
+def backfill_history(run_id: str, history: list[dict]) -> None:
+    """Log epochs the callback missed (the driver died between a checkpoint and its MLflow write)."""
+    from pipelines.tracking import log_metrics, logged_epochs
+
+    seen = logged_epochs(run_id)
+    for metrics in history:
+        epoch = int(metrics["epoch"])
+        if epoch not in seen:
+            log.info("MLflow: logging epoch %d from the checkpoint's history", epoch)
+            log_metrics(run_id, metrics, step=epoch)
+
+
+# ---------------------------------------------------------------------- worker side
+class FFSRRIFE(torch.nn.Module):
+    """The FFSR paper's model: FFSR then RIFE, trained in three steps through the same driver."""
+
+    def __init__(self, m, num_classes: int):
+        super().__init__()
+        from components.models.ffsr import build_ffsr
+        from components.models.rife import build_rife
+
+        self.ffsr = build_ffsr(m.ffsr)
+        self.rife = build_rife(m, num_classes)
+
+
+def ffsr_rife_step(phase: str, epoch: int, params: Params) -> str:
+    """pretrain = step 1 (FFSR, L^FFSR) for T1 epochs, then step 2 (RIFE, L^RIFE) for T1 epochs; train = step 3 (joint)."""
+    if phase == "joint":
+        return "joint"
+    return "ffsr" if epoch < params.train.pretrain_epochs else "rife"
+
+
+def phase_epochs(params: Params, phase: str) -> int:
+    t = params.train
+    if phase == "joint":
+        return t.epochs
+    return 2 * t.pretrain_epochs if t.model == "ffsr_rife" else t.pretrain_epochs
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: data shard, model (DDP), resume, one report + checkpoint per epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from components.data.dataset import make_train_loader
+    from components.models.pri import build_pri
+    from components.soft_label import LabelBank
+    from components.training import (NonFiniteLossError, TrainingState, build_optimizer, refresh_label_bank,
+                                     resolve_precision, run_ffsr_rife_epoch, run_pri_epoch, unwrap)
+
+    params = Params.model_validate(config["params"])
+    phase = config["phase"]
+    m, t = params.model, params.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed * 1000 + rank)
+    table, pairs = ray.get(config["table"]), ray.get(config["pairs"])
+    loader = make_train_loader(table, pairs, scales=m.scales, P=t.identities_per_batch, K=t.images_per_identity,
+                               flip_p=t.flip_p, seed=t.seed, num_workers=t.loader_workers,
+                               num_replicas=world, rank=rank)
+    dataset = loader.dataset
+    joint = phase == "joint"
+    pri = t.model == "pri"
+    model = build_pri(m, dataset.num_classes, with_predictor=joint) if pri else FFSRRIFE(m, dataset.num_classes)
+    if config.get("init_state") is not None:  # joint training starts from the pretrained weights
+        missing, unexpected = model.load_state_dict(ray.get(config["init_state"]), strict=False)
+        bad = [k for k in missing if not k.startswith("P.")] + list(unexpected)
+        if bad:
+            raise ValueError(f"pretrained weights do not fit the model: {bad[:5]}")
+    if pri:
+        model = ray.train.torch.prepare_model(model.to(device))  # DDP when num_workers > 1
+    else:  # FFSR and RIFE are called separately: each gets its own DDP wrapper
+        model = model.to(device)
+        ffsr, rife = (ray.train.torch.prepare_model(part) for part in (model.ffsr, model.rife))
+    optimizer = build_optimizer(model, t, phase)
+    bank = None
+    if pri and joint:
+        bank = LabelBank(len(dataset), len(m.scales), m.omega, kind=m.label, gamma=m.gamma, seed=t.seed)
+    generator = torch.Generator().manual_seed(t.seed + rank)  # pretrain: the random scale of x_l
+    state = TrainingState(unwrap(model), optimizer, bank, phase=phase)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group, or the stage run again after a crash
+        with checkpoint.as_directory() as d:
+            state.load(Path(d) / "state.pt")
+        if "generator" in state.extra:
+            generator.set_state(state.extra["generator"])
+        if rank == 0:
+            print(f"[{phase}] resuming after epoch {state.epoch + 1}", flush=True)
+    precision = resolve_precision(device, t.precision)
+    epochs = phase_epochs(params, phase)
+    for epoch in range(state.epoch + 1, epochs):
+        start = time.perf_counter()
+        extra = {}
+        try:
+            if pri:
+                if bank is not None and not config["naive_labels"] and bank.should_refresh(epoch):
+                    extra["refresh_seconds"] = refresh_label_bank(unwrap(model), dataset, bank, epoch,
+                                                                  device=device, precision=precision)
+                metrics = run_pri_epoch(model, loader, optimizer, phase=phase, epoch=epoch, loss=params.loss,
+                                        bank=bank, naive_labels=config["naive_labels"], device=device,
+                                        precision=precision, generator=generator)
+            else:
+                metrics = run_ffsr_rife_epoch(ffsr, rife, loader, optimizer,
+                                              step=ffsr_rife_step(phase, epoch, params), epoch=epoch,
+                                              loss=params.loss, device=device, precision=precision,
+                                              hr_width=params.degrade.hr_width, sigma=m.ffsr.sigma)
+        except NonFiniteLossError as exc:  # stop now: a retry from the checkpoint would fail the same way
+            ray.train.report({"epoch": epoch, "nonfinite": 1.0, "error": str(exc)})
+            return
+        metrics.update(extra, epoch=epoch, epoch_seconds=time.perf_counter() - start)
+        if bank is not None:
+            metrics["label_bank_entropy"] = bank.entropy()
+        state.epoch = epoch
+        state.extra["generator"] = generator.get_state()
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        state.extra["history"] = list(state.extra.get("history", [])) + [numeric]  # for MLflow backfill
+        if rank == 0:
+            print(f"[{phase}] epoch {epoch + 1}/{epochs}  loss {metrics['L']:.4f}  "
+                  f"{metrics['samples_per_s']:.1f} samples/s  {metrics['epoch_seconds']:.1f} s", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                state.save(Path(tmp) / "state.pt")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+# ---------------------------------------------------------------------- one stage
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report: Path,
+              init: Path | None = None) -> dict:
+    """Train one phase end to end: MLflow run, Ray Train fit, final weights + metrics JSON (the DVC outs)."""
+    import pyarrow.compute as pc
+
+    from components.data import table as T
+    from components.fsutil import write_json
+    from components.training import load_weights_file, save_weights_dict
+    from pipelines import tracking
+
+    split_file, pairs_file = split_dir / "split.parquet", split_dir / "pairs.parquet"
+    split = T.read_table(split_file, T.SPLIT_SCHEMA)
+    table = split.filter(pc.equal(split[T.SPLIT], "train"))
+    pairs = T.read_table(pairs_file, T.PAIRS_SCHEMA)
+    init_state = None
+    inputs = {"split": _md5(split_file), "pairs": _md5(pairs_file)}
+    if init is not None:
+        init_state, _ = load_weights_file(init)
+        inputs["init"] = _md5(init)
+    sections = params.model_dump(mode="json")
+    key = {k: sections[k] for k in ("model", "loss", "train")} | {"phase": phase, "inputs": inputs}
+    name = f"{phase}-{tracking.params_hash(key)}"
+    run_id = tracking.start_run(phase, sections, Path(".lrreid") / "runs" / f"{name}.mlflow_run_id",
+                                tags={"stage": phase, "ray_run": name, "model": params.train.model})
+    started = time.perf_counter()
+    try:
+        state, metrics = fit(params, phase=phase, name=name, table=table, pairs=pairs, run_id=run_id,
+                             init_state=init_state)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    meta = {"phase": phase, "model": params.train.model, "num_classes": int(len(set(table[T.PERSON_ID].to_pylist()))),
+            "epochs": int(state["epoch"]) + 1, "mlflow_run_id": run_id, "ray_run": name}
+    save_weights_dict(state["model"], out, meta)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summary["wall_seconds"] = time.perf_counter() - started
+    write_json(report, summary)
+    tracking.log_artifact(run_id, report)
+    tracking.end_run(run_id)
+    log.info("wrote %s and %s (MLflow run %s)", out, report, run_id)
+    return summary

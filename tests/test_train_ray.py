@@ -1,0 +1,182 @@
+"""Pretraining and joint training through real Ray Train (local Ray), tracked in a real sqlite MLflow.
+
+Tiny data and models; checks the outputs, one MLflow record per epoch, DDP over
+2 CPU workers, recovery from a killed worker, resuming a stage after the driver
+crashed, and the up-front errors for workers that cannot be placed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+
+from components.config import validate_params
+from components.data import table as T
+from tests.conftest import tiny_model_params
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+def tiny_params(storage: Path, **train):
+    m = tiny_model_params().model_dump(mode="json")
+    t = dict(identities_per_batch=4, images_per_identity=2, pretrain_epochs=1, epochs=2, precision="fp32",
+             storage_path=str(storage), max_failures=1, lr_backbone=1e-3, lr_head=1e-3, cpus_per_worker=1)
+    t.update(train)
+    return validate_params({"model": m, "train": t})
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    """A tiny MLR split written like the split stage writes it."""
+    from components.config import DegradeParams
+    from components.data.protocols import degrade
+    from components.data.splits import split_identities
+    from tests.conftest import make_canonical
+
+    d = tmp_path_factory.mktemp("split")
+    canonical = make_canonical(n_ids=12, per_cam=3, size=(32, 16))
+    deg = degrade(canonical, DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]), progress=False).table
+    res = split_identities(deg, n_test=2, repeats=1, seed=0)
+    T.write_table(res.table, d / "split.parquet", T.SPLIT_SCHEMA)
+    T.write_table(res.pairs, d / "pairs.parquet", T.PAIRS_SCHEMA)
+    return d
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def _epochs_logged(run_id: str, key: str = "L") -> list[int]:
+    from pipelines.tracking import client
+
+    return sorted(int(m.step) for m in client().get_metric_history(run_id, key))
+
+
+def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
+    from pipelines.ray_train import run_stage
+    from components.training import load_weights_file
+
+    params = tiny_params(workdir / "ray")
+    pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
+                    report=workdir / "pre.json")
+    assert "L_sr" in pre and "L_p" not in pre
+    joint = run_stage(params, phase="joint", split_dir=split_dir, out=workdir / "model.pt",
+                      report=workdir / "train.json", init=workdir / "pre.pt")
+    for key in ("L", "L_sr", "L_id", "L_tri", "L_p", "label_entropy", "samples_per_s", "lr_backbone"):
+        assert key in joint, key
+    assert any(k.startswith("r_p_x") for k in joint)
+    assert joint["lr_backbone"] == pytest.approx(1e-3 * params.train.lr_decay)
+    state, meta = load_weights_file(workdir / "model.pt")
+    assert meta["phase"] == "joint" and meta["epochs"] == 2
+    assert any(k.startswith("P.") for k in state) and any(k.startswith("G.") for k in state)
+    report = json.loads((workdir / "train.json").read_text())
+    assert report["epoch"] == 1
+    # MLflow: one record per epoch, written by the driver-side callback, with the tags
+    from pipelines.tracking import client
+
+    run = client().get_run(meta["mlflow_run_id"])
+    assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1]
+    assert run.data.params["train.epochs"] == "2" and "git_commit" in run.data.tags
+    assert "data_dvc_md5" in run.data.tags and run.info.status == "FINISHED"
+
+
+def test_two_cpu_workers_ddp(local_ray, split_dir, workdir):
+    from pipelines.ray_train import run_stage
+
+    params = tiny_params(workdir / "ray", num_workers=2, pretrain_epochs=1)
+    out = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
+                    report=workdir / "pre.json")
+    assert out["epoch"] == 0 and out["samples"] > 0
+
+
+def test_a_killed_worker_is_recovered_without_double_counting(local_ray, split_dir, workdir):
+    from pipelines.ray_train import run_stage
+    from components.training import load_weights_file
+
+    params = tiny_params(workdir / "ray", pretrain_epochs=4, max_failures=1)
+    storage = workdir / "ray"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(storage.glob("*/checkpoint_*")):
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    if "RayTrainWorker" in cmd:
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt", report=workdir / "pre.json")
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker process was found to kill"
+    _, meta = load_weights_file(workdir / "pre.pt")
+    assert meta["epochs"] == 4
+    assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1, 2, 3]  # no epoch counted twice
+
+
+def test_stage_resumes_after_the_driver_crashed(split_dir, tmp_path):
+    """Kill the whole `lrreid pretrain` process after its first checkpoint, run it again: it resumes."""
+    params = tiny_params(tmp_path / "ray", pretrain_epochs=3).model_dump(mode="json")
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", RAY_ADDRESS="",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = ["lrreid", "pretrain", "--split", str(split_dir), "--out", str(tmp_path / "pre.pt")]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    for line in first.stdout:  # epoch 2's line: epoch 1's checkpoint is registered by now
+        if "epoch 2/3" in line:
+            break
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait()
+    assert not (tmp_path / "pre.pt").exists()
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming after epoch" in second.stdout + second.stderr
+    from components.training import load_weights_file
+
+    _, meta = load_weights_file(tmp_path / "pre.pt")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1, 2]
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+
+
+def test_workers_that_cannot_be_placed_fail_before_training(local_ray, tmp_path):
+    from pipelines.common import StageError
+    from pipelines.ray_train import check_resources
+
+    with pytest.raises(StageError, match="train.num_workers = 3"):
+        check_resources(tiny_params(tmp_path, num_workers=3))
+    with pytest.raises(StageError, match="train.use_gpu = true"):
+        check_resources(tiny_params(tmp_path, use_gpu=True))
+    check_resources(tiny_params(tmp_path, num_workers=2))  # fits
