@@ -166,5 +166,5 @@ def test_load_weights_mismatch(tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     del sd["rdn.sfe1.weight"]
     torch.save(sd, tmp_path / "w2.pt")
-    with pytest.raises(ValueError, match=r"missing: rdn\.sfe1\.weight.*unexpected: extra\.weight"):
+    with pytest.raises(ValueError, match=r"missing 1: rdn\.sfe1\.weight.*unexpected 1: extra\.weight"):
         load_weights(MetaRDN(**TINY), tmp_path / "w2.pt", "model.sr.weights")

@@ -12,13 +12,14 @@ layer4 keeps stride 1, so the final map is 1/16 of the input instead of 1/32.
 
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torchvision
+
+from components.models.weights import load_state_dict_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -40,63 +41,12 @@ def _shape(v) -> str:
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, name: str) -> None:
-    """Load a local state dict into ``model`` (a full torchvision ``name``), strictly.
-
-    Same rules as ``components.models.recovery.load_weights``: a plain state dict or
-    one under "state_dict" / "model", "module." prefixes dropped. Missing file -> FileNotFoundError; a file that is not a plain tensor state dict
-    (``torch.load(weights_only=True)`` refuses pickled objects) or whose keys /
-    shapes do not fit -> ValueError naming some of the offending keys.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.backbone_weights = {str(path)!r}: no such file. Nothing is downloaded "
-            f"at run time: save a torchvision {name} state dict there "
-            f"(torch.save(torchvision.models.{name}(weights=...).state_dict(), path)) or set "
-            f"model.backbone_weights: null for random init"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc).split("WeightsUnpickler error:")[-1].strip()
-        why = text.split("\n")[0].split(". ")[0] or "unreadable"
-        raise ValueError(
-            f"model.backbone_weights = {str(path)!r}: not a plain state dict "
-            f"of tensors; torch.load(weights_only=True) refused it ({why})"
-        ) from None
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(
-            f"model.backbone_weights = {str(path)!r}: not readable by torch.load: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"model.backbone_weights = {str(path)!r}: holds a {type(state).__name__}, not a state dict"
-        )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k} file {_shape(state[k])} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")
-        raise ValueError(
-            f"model.backbone_weights = {str(path)!r} does not fit torchvision {name}: "
-            + "; ".join(parts) + ". Check model.backbone"
-        )
-    model.load_state_dict(state, strict=True)
+    """Load a local torchvision ImageNet state dict into ``model`` (a full torchvision ``name``)."""
+    load_state_dict_file(
+        model, path, "model.backbone_weights", f"torchvision {name}", check="model.backbone",
+        hint=f"save a torchvision {name} state dict there "
+             f"(torch.save(torchvision.models.{name}(weights=...).state_dict(), path))",
+    )
 
 
 def _set_last_stride(net: torchvision.models.ResNet, stride: int) -> None:

@@ -10,14 +10,13 @@ weighted by a 2-D Gaussian mask M centred on the image (where the person is).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from components.config import FFSRParams
+from components.models.weights import load_state_dict_file
 
 
 class FFSR(nn.Module):
@@ -99,20 +98,6 @@ def build_ffsr(cfg: FFSRParams) -> FFSR:
     """FFSR(cfg.channels), with the state dict at cfg.weights loaded if set."""
     model = FFSR(channels=cfg.channels)
     if cfg.weights:
-        path = Path(cfg.weights)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"params.yaml: model.ffsr.weights = {cfg.weights}: no such file; "
-                "point it at a saved FFSR state dict or set it to null for a fresh FFSR"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise ValueError(
-                f"params.yaml: model.ffsr.weights = {cfg.weights}: not an FFSR state dict with "
-                f"channels = {cfg.channels} (check model.ffsr.channels): {exc}"
-            ) from None
+        load_state_dict_file(model, cfg.weights, "model.ffsr.weights", f"FFSR(channels={cfg.channels})",
+                             check="model.ffsr.channels")
     return model

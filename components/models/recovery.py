@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.config import SRParams
+from components.models.weights import load_state_dict_file
 
 
 def out_size(h: int, w: int, r: float) -> tuple[int, int]:
@@ -222,45 +223,5 @@ def build_recovery(cfg: SRParams) -> nn.Module:
 
 
 def load_weights(module: nn.Module, path: str | Path, what: str) -> None:
-    """Load a local state dict (plain, {"state_dict": ...} or {"model": ...}) into module.
-
-    `what` names the params key that set `path` (e.g. "model.sr.weights") for the errors:
-    FileNotFoundError if the file is missing, ValueError if its keys or shapes do not fit.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{what} = {str(path)!r}: no such file. Nothing is downloaded at run time: put the "
-            f"state dict there, or set {what} to null for a random init"
-        )
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{what} = {str(path)!r}: not a readable torch state dict ({e})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict):
-        raise ValueError(f"{what} = {str(path)!r}: holds a {type(sd).__name__}, not a state dict")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k} {tuple(getattr(sd[k], 'shape', ()))} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and (not torch.is_tensor(sd[k]) or sd[k].shape != v.shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                problems.append(f"{len(keys)} {name}: {', '.join(keys[:3])}{more}")
-        raise ValueError(
-            f"{what} = {str(path)!r} does not fit {type(module).__name__}({module.extra_repr()}): "
-            f"{'; '.join(problems)}. Check the architecture params next to {what}"
-        )
-    module.load_state_dict(sd)
+    """Load a local state dict into ``module``; ``what`` names the param (e.g. "model.sr.weights")."""
+    load_state_dict_file(module, path, what, f"{type(module).__name__}({module.extra_repr()})")
