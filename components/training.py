@@ -383,6 +383,17 @@ class _Meter:
         return out
 
 
+def _epoch_setup(loader, epoch: int, device, precision: str, scaler):
+    """Device, concrete precision and (fp16) grad scaler of an epoch; tells the loader the epoch."""
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
+    if precision == "fp16" and scaler is None:
+        scaler = torch.amp.GradScaler(device.type)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    return device, precision, scaler
+
+
 def run_pri_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, phase: str, epoch: int,
                   loss: LossParams, bank: LabelBank | None, naive_labels: bool, device, precision: str,
                   scaler=None, generator: torch.Generator | None = None,
@@ -404,12 +415,7 @@ def run_pri_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
     joint = phase == "joint"
     if joint and bank is None:
         raise ValueError("joint training needs a LabelBank (naive labels use its kind and gamma too)")
-    device = torch.device(device)
-    precision = resolve_precision(device, precision)
-    if precision == "fp16" and scaler is None:
-        scaler = torch.amp.GradScaler(device.type)
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+    device, precision, scaler = _epoch_setup(loader, epoch, device, precision, scaler)
     net = unwrap(model)
     model.train()
     scales = net.scales.tolist()
@@ -462,12 +468,7 @@ def run_ffsr_rife_epoch(ffsr: nn.Module, rife: nn.Module, loader, optimizer: tor
     """
     if step not in FFSR_RIFE_STEPS:
         raise ValueError(f"step {step!r}: use one of {', '.join(FFSR_RIFE_STEPS)}")
-    device = torch.device(device)
-    precision = resolve_precision(device, precision)
-    if precision == "fp16" and scaler is None:
-        scaler = torch.amp.GradScaler(device.type)
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+    device, precision, scaler = _epoch_setup(loader, epoch, device, precision, scaler)
     use_ffsr, use_rife = step in ("ffsr", "joint"), step in ("rife", "joint")
     ffsr.train(use_ffsr)
     rife.train(use_rife)
