@@ -44,8 +44,8 @@ def connect(params: Params) -> None:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as exc:
             raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer: {exc}") from None
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+    else:  # "local": always a fresh local instance, never some other Ray running on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def check_resources(params: Params) -> None:
