@@ -48,23 +48,36 @@ def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
-class _Pooled(nn.Module):
-    """Shared front of P and F: resize -> ImageNet normalisation -> backbone -> GAP."""
+class ImageInput(nn.Module):
+    """The input of every backbone model (P, F, RIFE): check, resize to ``size``, ImageNet-normalise."""
 
-    def __init__(self, backbone: str, input_size, weights):
+    def __init__(self, size):
         super().__init__()
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.backbone, self.out_channels = build_backbone(backbone, weights)
+        self.size = (int(size[0]), int(size[1]))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def pooled(self, x: Tensor) -> Tensor:
-        """[B, 3, H, W] in [0, 1] -> globally average-pooled maps [B, C, 1, 1]."""
+    def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(x.shape)}")
-        x = resize_to(x, self.input_size)
-        x = (x - self.mean) / self.std
-        return F.adaptive_avg_pool2d(self.backbone(x), 1)
+        return (resize_to(x, self.size) - self.mean) / self.std
+
+
+class _Pooled(nn.Module):
+    """Shared front of P and F: ImageInput -> backbone -> GAP."""
+
+    def __init__(self, backbone: str, input_size, weights):
+        super().__init__()
+        self.prep = ImageInput(input_size)
+        self.backbone, self.out_channels = build_backbone(backbone, weights)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.prep.size
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> globally average-pooled maps [B, C, 1, 1]."""
+        return F.adaptive_avg_pool2d(self.backbone(self.prep(x)), 1)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The added layers (PRI: lr 0.1), as opposed to ``self.backbone`` (lr 0.01)."""

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from components.config import ModelParams
 from components.models.backbones import resnet_stages
-from components.models.reid import IMAGENET_MEAN, IMAGENET_STD, ReIDOutput, resize_to
+from components.models.reid import ImageInput, ReIDOutput
 
 
 class WeightPredictor(nn.Module):
@@ -74,7 +74,7 @@ class RIFE(nn.Module):
         last_stride: int = 1,
     ):
         super().__init__()
-        self.input_size = tuple(input_size)
+        self.prep = ImageInput(input_size)
         stem, stages, channels = resnet_stages(backbone, weights=weights, last_stride=last_stride)
         self.stem = stem  # shared by both streams
         self.blocks = nn.ModuleList(DualStreamBlock(s, c, weight_hidden) for s, c in zip(stages, channels))
@@ -83,14 +83,13 @@ class RIFE(nn.Module):
         self.classifier = nn.Linear(feature_dim, num_classes, bias=False) if num_classes > 0 else None
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.prep.size
 
     def forward(self, x: Tensor) -> ReIDOutput:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images [B, 3, H, W], got {tuple(x.shape)}")
-        x = resize_to(x, self.input_size)
-        m = self.stem((x - self.mean) / self.std)
+        m = self.stem(self.prep(x))
         w_L, w_H = [], []
         for block in self.blocks:
             m, wl, wh = block(m)
