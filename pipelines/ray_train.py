@@ -8,15 +8,17 @@ params. Every epoch each worker reports its metrics and rank 0 a checkpoint
 (model, optimiser, label bank, epoch, RNG state); MLflow is written by a
 driver-side callback only (pipelines/tracking.py).
 
-The run name is the stage plus a hash of its params and inputs, so running the
-stage again after a crash re-creates the trainer with the same
-``(storage_path, name)`` and Ray Train resumes from the last checkpoint.
+The run name is the stage plus a hash of its params, inputs and code, so running
+the stage again after a crash re-creates the trainer with the same
+``(storage_path, name)`` and Ray Train resumes from the last checkpoint, while
+changed params, data or code start a new run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +47,7 @@ def connect(params: Params) -> None:
         except (ConnectionError, RuntimeError) as exc:
             raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer: {exc}") from None
     else:  # "local": always a fresh local instance, never some other Ray running on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", log_to_driver=True)  # with the dashboard: Train V2 polls the state API
 
 
 def check_resources(params: Params) -> None:
@@ -208,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
         if "generator" in state.extra:
             generator.set_state(state.extra["generator"])
         if rank == 0:
-            print(f"[{phase}] resuming after epoch {state.epoch + 1}", flush=True)
+            log.info("[%s] resuming after epoch %d", phase, state.epoch + 1)
     precision = resolve_precision(device, t.precision)
     epochs = phase_epochs(params, phase)
     for epoch in range(state.epoch + 1, epochs):
@@ -230,7 +232,8 @@ def train_loop_per_worker(config: dict) -> None:
         except NonFiniteLossError as exc:  # stop now: a retry from the checkpoint would fail the same way
             ray.train.report({"epoch": epoch, "nonfinite": 1.0, "error": str(exc)})
             return
-        metrics.update(extra, epoch=epoch, epoch_seconds=time.perf_counter() - start)
+        metrics.update(extra, epoch=epoch, epoch_seconds=time.perf_counter() - start,
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         if bank is not None:
             metrics["label_bank_entropy"] = bank.entropy()
         state.epoch = epoch
@@ -238,8 +241,9 @@ def train_loop_per_worker(config: dict) -> None:
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         state.extra["history"] = list(state.extra.get("history", [])) + [numeric]  # for MLflow backfill
         if rank == 0:
-            print(f"[{phase}] epoch {epoch + 1}/{epochs}  loss {metrics['L']:.4f}  "
-                  f"{metrics['samples_per_s']:.1f} samples/s  {metrics['epoch_seconds']:.1f} s", flush=True)
+            # logging, not print: Train V2 tees a worker's print to stdout and to its logger (every line twice)
+            log.info("[%s] epoch %d/%d  loss %.4f  %.1f samples/s  %.1f s", phase, epoch + 1, epochs,
+                     metrics["L"], metrics["samples_per_s"], metrics["epoch_seconds"])
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 state.save(Path(tmp) / "state.pt")
@@ -254,6 +258,17 @@ def _md5(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def code_md5() -> str:
+    """md5 of the package's Python sources: changed code is a new Ray run, never a resumed old one."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.md5()
+    for path in sorted([*root.glob("components/**/*.py"), *root.glob("pipelines/**/*.py")]):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
@@ -272,7 +287,7 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
     table = split.filter(pc.equal(split[T.SPLIT], "train"))
     pairs = T.read_table(pairs_file, T.PAIRS_SCHEMA)
     init_state = None
-    inputs = {"split": _md5(split_file), "pairs": _md5(pairs_file)}
+    inputs = {"split": _md5(split_file), "pairs": _md5(pairs_file), "code": code_md5()}
     if init is not None:
         init_state, _ = load_weights_file(init)
         inputs["init"] = _md5(init)

@@ -182,3 +182,17 @@ def test_resnet_stages_reproduce_backbone(name):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="vgg16"):
         B.build_backbone("vgg16")
+
+
+def test_model_last_stride_reaches_every_backbone():
+    """model.last_stride is passed to P, F and RIFE: stride 2 halves layer4's map of each."""
+    from components.models.rife import build_rife
+
+    x = torch.rand(1, 3, 64, 32)
+    for stride, size in [(1, (4, 2)), (2, (2, 1))]:
+        cfg = ModelParams(backbone="resnet18", input_height=64, input_width=32, predictor_height=64,
+                          predictor_width=32, last_stride=stride)
+        for net in (build_predictor(cfg), build_reid(cfg, num_classes=3)):
+            assert tuple(net.backbone(x).shape[-2:]) == size
+        rife = build_rife(cfg, num_classes=3)
+        assert rife.blocks[-1].stage_L[0].conv1.stride == (stride, stride)

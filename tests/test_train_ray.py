@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=2, log_to_driver=True)
     yield
     ray.shutdown()
 
@@ -100,6 +100,33 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
     assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1]
     assert run.data.params["train.epochs"] == "2" and "git_commit" in run.data.tags
     assert "data_dvc_md5" in run.data.tags and run.info.status == "FINISHED"
+
+
+def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
+    """train.model = ffsr_rife: pretrain = FFSR step (T1 epochs) then RIFE step (T1), train = joint (T2)."""
+    from components.config import FFSRParams, RIFEParams
+    from components.training import load_weights_file
+    from pipelines.ray_train import run_stage
+
+    m = tiny_model_params(ffsr=FFSRParams(channels=8), rife=RIFEParams(feature_dim=16, weight_hidden=8))
+    base = tiny_params(workdir / "ray", model="ffsr_rife", pretrain_epochs=1, epochs=1).model_dump(mode="json")
+    params = validate_params({**base, "model": m.model_dump(mode="json")})
+    pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
+                    report=workdir / "pre.json")
+    _, pre_meta = load_weights_file(workdir / "pre.pt")
+    assert pre_meta["epochs"] == 2 and pre["epoch"] == 1  # FFSR epoch 0, RIFE epoch 1
+    assert _epochs_logged(pre_meta["mlflow_run_id"], "L_ffsr") == [0]  # step 1 fits FFSR alone
+    assert _epochs_logged(pre_meta["mlflow_run_id"], "L_rife") == [1]  # step 2 fits RIFE alone
+    joint = run_stage(params, phase="joint", split_dir=split_dir, out=workdir / "model.pt",
+                      report=workdir / "train.json", init=workdir / "pre.pt")
+    assert {"L_ffsr", "L_rife", "L_x", "L_r"} <= set(joint)  # step 3: Eq. 4, both parts
+    state, meta = load_weights_file(workdir / "model.pt")
+    assert meta["model"] == "ffsr_rife" and meta["epochs"] == 1
+    assert any(k.startswith("ffsr.") for k in state) and any(k.startswith("rife.") for k in state)
+    pre_state, _ = load_weights_file(workdir / "pre.pt")
+    moved = [k for k in state if k.startswith("ffsr.") and state[k].is_floating_point()
+             and not torch.equal(state[k], pre_state[k])]
+    assert moved, "joint training started from the pretrained FFSR and changed it"
 
 
 def test_two_cpu_workers_ddp(local_ray, split_dir, workdir):

@@ -155,4 +155,5 @@ def build_rife(cfg: ModelParams, num_classes: int) -> RIFE:
         weight_hidden=cfg.rife.weight_hidden,
         input_size=(cfg.input_height, cfg.input_width),
         weights=cfg.backbone_weights,
+        last_stride=cfg.last_stride,
     )
