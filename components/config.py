@@ -159,6 +159,7 @@ class ModelParams(_Section):
     predictor_height: int = Field(64, ge=16)  # ... and to this before P, which only sees x_l (paper: 384)
     predictor_width: int = Field(32, ge=8)  # (paper: 128)
     feature_dim: int = Field(512, ge=1)  # 1x1 conv after pooling (paper: 2048 -> 512)
+    last_stride: Literal[1, 2] = 1  # ResNet layer4 stride: 1 = the re-id "last stride 1" trick (paper)
     reid: Literal["resnet", "rife"] = "resnet"  # F: the paper's ResNet module or RIFE ("RIFE + PRI")
     sr: SRParams = SRParams()
     ffsr: FFSRParams = FFSRParams()
@@ -211,6 +212,25 @@ class TrainParams(_Section):
     ray_address: str | None = None  # join this cluster (RAY_ADDRESS overrides); null: local Ray
 
 
+class EvaluateParams(_Section):
+    """The evaluate stage: the 10-repeat MLR protocol, the ablation table, the pictures."""
+
+    repeats: int | None = Field(None, ge=1)  # gallery draws to average over; null: all of the split's
+    batch_size: int = Field(64, ge=1)  # images per forward pass
+    max_rank: int = Field(50, ge=1)  # CMC length
+    predictor: Literal["adaptive", "size_based", "ideal", "fixed"] = "adaptive"  # the headline row
+    figure_probes: int = Field(4, ge=0)  # probes drawn in the ranked-list picture
+    figure_images: int = Field(4, ge=0)  # training images whose r_p is followed across epochs (Fig. 3)
+
+
+class RegistryParams(_Section):
+    """The register stage: the MLflow registered model and its aliases."""
+
+    model_name: str = Field("lrreid-pri", min_length=1)  # registered model name in the MLflow registry
+    challenger_alias: str = "challenger"  # set on every new version
+    champion_alias: str = "champion"  # moved only when the new version's rank-1 beats the champion's
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     degrade: DegradeParams = DegradeParams()
@@ -218,6 +238,8 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     loss: LossParams = LossParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -20,7 +20,10 @@ STAGES = {
     "split": "pipelines.split",
     "pretrain": "pipelines.pretrain",
     "train": "pipelines.train",
+    "evaluate": "pipelines.evaluate",
+    "register": "pipelines.register",
     "preset": "pipelines.preset",
+    "query": "pipelines.query",
 }
 
 

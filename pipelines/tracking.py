@@ -123,7 +123,8 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 def make_train_callback(run_id: str, uri: str):
-    """A Ray Train UserCallback that logs rank 0's metrics of every reported epoch, once."""
+    """A Ray Train UserCallback that logs rank 0's metrics of every reported epoch, once
+    (and the largest peak RSS over the workers)."""
     import ray.train
 
     class MLflowTrainCallback(ray.train.UserCallback):
@@ -136,6 +137,9 @@ def make_train_callback(run_id: str, uri: str):
             if self.seen is None:  # epochs logged before a driver restart
                 self.seen = logged_epochs(self.run_id)
             m = dict(metrics[0])
+            rss = [w["peak_rss_mb"] for w in metrics if "peak_rss_mb" in w]
+            if rss:
+                m["peak_rss_mb"] = max(rss)
             epoch = int(m.get("epoch", -1))
             if epoch in self.seen:  # a re-run epoch after a restart: never log it twice
                 return
@@ -143,3 +147,149 @@ def make_train_callback(run_id: str, uri: str):
             self.seen.add(epoch)
 
     return MLflowTrainCallback()
+
+
+# ---------------------------------------------------------------------- the model registry
+# Models are logged as MLflow 3 LoggedModels (`name=`, signature, input example) and
+# registered under params.registry.model_name; aliases (challenger, champion), never stages.
+MODEL_PACKAGES = ("components", "pipelines")  # the code a logged model carries (code_paths)
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "pydantic", "pillow", "pyyaml", "mlflow")
+DESCRIPTION_LIMIT = 5000  # characters of a model version description (the SQL stores' column)
+MODEL_ENTRY = """\
+# The logged model's code (MLflow "models from code"): pipelines/ and components/ come with it.
+import mlflow
+
+from pipelines.pyfunc_model import LRReIDModel
+
+mlflow.models.set_model(LRReIDModel())
+"""
+
+
+def _use_store():
+    """Point MLflow's fluent API (log_model, register_model, pyfunc.load_model) at our store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in MODEL_REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def _copy_packages(dest: Path) -> list[str]:
+    """A clean copy of the repository's packages (no __pycache__) for ``code_paths``."""
+    import shutil
+
+    paths = []
+    for name in MODEL_PACKAGES:
+        target = dest / name
+        shutil.copytree(REPO / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        paths.append(str(target))
+    return paths
+
+
+def log_reid_model(run_id: str, weights_path: str | Path, model_params: dict, name: str = "model") -> str:
+    """Log PRI as a pyfunc model (pipelines/pyfunc_model.py) in the run ``run_id``; returns its model URI.
+
+    Artifacts: the weights file and the ``model:`` params section as JSON; code (MLflow's
+    "models from code", nothing pickled): a three-line entry file that sets
+    ``pipelines.pyfunc_model.LRReIDModel``, and the repository's ``components`` and
+    ``pipelines`` packages (``code_paths``), so the model loads in a fresh process; signature (tensor [-1, 3, -1, -1] float32 in, embedding / r_p / scale_probs
+    out, param ``role``) and an LR input example. The URI is ``models:/<model_id>``.
+    """
+    import tempfile
+
+    from components.config import ModelParams
+    from pipelines import pyfunc_model
+
+    mlflow = _use_store()
+    cfg = ModelParams.model_validate(model_params)
+    with tempfile.TemporaryDirectory(prefix="lrreid-model-") as tmp:
+        params_json = Path(tmp) / "model_params.json"
+        params_json.write_text(json.dumps(model_params, indent=2, sort_keys=True))
+        code_paths = _copy_packages(Path(tmp) / "code")
+        entry = Path(tmp) / "lrreid_model.py"  # "models from code": no pickled object in the model
+        entry.write_text(MODEL_ENTRY)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(entry),
+                artifacts={pyfunc_model.WEIGHTS_ARTIFACT: str(weights_path),
+                           pyfunc_model.PARAMS_ARTIFACT: str(params_json)},
+                code_paths=code_paths,
+                signature=pyfunc_model.signature(cfg),
+                input_example=pyfunc_model.input_example(cfg),
+                pip_requirements=_pip_requirements(),
+                metadata=pyfunc_model.metadata(cfg),
+                params=flatten(model_params),
+            )
+    return info.model_uri
+
+
+def register_version(model_uri: str, name: str, tags: dict, description: str) -> str:
+    """A new version of the registered model ``name`` (created if new) from ``model_uri``,
+    with ``tags`` (values as strings) and a Markdown ``description``; returns the version."""
+    mlflow = _use_store()
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    if len(description) > DESCRIPTION_LIMIT:
+        note = "\n\n(truncated: the full reports are artifacts of the register run)"
+        description = description[: DESCRIPTION_LIMIT - len(note)] + note
+    client().update_model_version(name, mv.version, description=description)
+    return str(mv.version)
+
+
+def current_alias_version(name: str, alias: str):
+    """The ModelVersion that ``name@alias`` points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def set_alias(name: str, alias: str, version: str | int) -> None:
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def get_model_version(name: str, version: str | int):
+    return client().get_model_version(name, str(version))
+
+
+def run_link(run_id: str) -> str:
+    """Where a run is seen: the tracking server's page, or the MLflow UI's path (`mlflow ui`)."""
+    try:
+        exp = client().get_run(run_id).info.experiment_id
+    except Exception:  # a run of another store, or deleted
+        return ""
+    path = f"#/experiments/{exp}/runs/{run_id}"
+    uri = tracking_uri()
+    return f"{uri.rstrip('/')}/{path}" if uri.startswith(("http://", "https://")) else path
+
+
+def load_pyfunc(model_uri: str):
+    """``mlflow.pyfunc.load_model`` from our store; a URI that names nothing is a StageError."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.common import StageError
+
+    mlflow = _use_store()
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        first = str(exc.message).splitlines()[0] if getattr(exc, "message", None) else type(exc).__name__
+        raise StageError(f"model {model_uri}: cannot load it from {tracking_uri()} ({first}); "
+                         "list the registered models with `mlflow ui`, or run `lrreid register`") from None
+    except OSError as exc:
+        raise StageError(f"model {model_uri}: its files cannot be read ({exc})") from None

@@ -197,9 +197,14 @@ class SizeBased:
     def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
         out = torch.empty(B, dtype=torch.long, device=pri.scales.device)
         for g in groups:
-            ratio = self.hr_height / g.images.shape[-2]
-            out[g.index] = int((pri.scales - ratio).abs().argmin())
+            out[g.index] = size_based_index(pri.scales, self.hr_height, torch.tensor([g.images.shape[-2]]))
         return out
+
+
+def size_based_index(scales: torch.Tensor, hr_height: float, heights: torch.Tensor) -> torch.Tensor:
+    """Index of the alternative nearest to hr_height / height, per probe height."""
+    ratio = hr_height / heights.to(scales).reshape(-1, 1)
+    return (scales.reshape(1, -1) - ratio).abs().argmin(1)
 
 
 def ideal_scale(all_scale_features: torch.Tensor, probe_pids: torch.Tensor, gallery: torch.Tensor,

@@ -1,0 +1,191 @@
+"""The papers' evaluation protocol on a split: embed once, score every scale choice.
+
+The test part of a split table (``split`` = query / gallery) holds the LR probes
+(the same in every repeat) and one HR gallery image per test identity per
+gallery draw (``repeat`` 0..R-1). :func:`embed_test_set` runs the model once:
+
+- every probe x_l recovered at every alternative scale r_i and embedded,
+  F(G_{r_i}(x_l)) -> ``all_scales`` [Q, N, D], and P's probabilities [Q, N];
+- the bicubic baseline: F on x_l resized to F's input (no G);
+- every distinct gallery image x_h: F(x_h).
+
+A scale choice is then only an index per probe, so PRI Table 2's rows (fixed
+x1..xN, size-based, ideal, adaptive) cost no extra forward passes.
+:func:`score` evaluates each row on each gallery draw with
+:func:`components.metrics.evaluate_features` (Market-1501 protocol, Euclidean
+distance) and returns the mean and standard deviation over the draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm import tqdm
+
+from components import images
+from components.data import table as T
+from components.data.dataset import group_by_size, to_tensor
+from components.metrics import evaluate_features
+from components.models.pri import PRI, ideal_scale, size_based_index
+
+
+@dataclass
+class TestSet:
+    """The probes and every gallery draw of one split, as arrays (images decoded lazily)."""
+
+    query: pa.Table
+    gallery: pa.Table  # distinct HR gallery images of all draws
+    draws: list[np.ndarray]  # per draw: row indices into ``gallery``
+    draw_ids: list[int]
+
+    @property
+    def q_pids(self) -> np.ndarray:
+        return np.array(self.query[T.PERSON_ID].to_numpy())  # a writable copy (arrow buffers are read-only)
+
+    @property
+    def q_cams(self) -> np.ndarray:
+        return np.array(self.query[T.CAMERA_ID].to_numpy())
+
+    @property
+    def q_scales(self) -> np.ndarray:
+        """The true down-sampling factor of each probe (from the degrade stage)."""
+        return np.array(self.query[T.SCALE].to_numpy(), dtype=np.float64)
+
+    @property
+    def g_pids(self) -> np.ndarray:
+        return np.array(self.gallery[T.PERSON_ID].to_numpy())
+
+    @property
+    def g_cams(self) -> np.ndarray:
+        return np.array(self.gallery[T.CAMERA_ID].to_numpy())
+
+
+def load_test_set(split: pa.Table, repeats: int | None = None, source: str = "the split table") -> TestSet:
+    """Probes and gallery draws 0..repeats-1 (all draws if ``repeats`` is None) of a split table."""
+    query = split.filter(pc.equal(split[T.SPLIT], "query"))
+    rows = split.filter(pc.equal(split[T.SPLIT], "gallery"))
+    if query.num_rows == 0 or rows.num_rows == 0:
+        raise ValueError(f"{source} has {query.num_rows} query and {rows.num_rows} gallery rows: "
+                         "evaluation needs both (run the split stage: `dvc repro split`)")
+    available = sorted(set(rows[T.REPEAT].to_pylist()))
+    if repeats is not None:
+        if repeats > len(available):
+            raise ValueError(f"evaluate.repeats = {repeats}, but {source} has {len(available)} gallery draws; "
+                             f"lower evaluate.repeats or raise split.repeats")
+        available = available[:repeats]
+    ids = rows[T.IMAGE_ID].to_pylist()
+    distinct = list(dict.fromkeys(ids))
+    position = {image_id: i for i, image_id in enumerate(distinct)}
+    first = [ids.index(image_id) for image_id in distinct]
+    gallery = rows.take(pa.array(first))
+    repeat = rows[T.REPEAT].to_pylist()
+    draws = [np.array([position[i] for i, r in zip(ids, repeat) if r == k], dtype=np.int64) for k in available]
+    return TestSet(query=query, gallery=gallery, draws=draws, draw_ids=available)
+
+
+def decode_images(table: pa.Table) -> list[torch.Tensor]:
+    """The table's images as float CHW tensors in [0, 1]."""
+    names = table[T.IMAGE_ID].to_pylist()
+    return [to_tensor(images.decode(data, name)) for data, name in zip(table[T.IMAGE].to_pylist(), names)]
+
+
+@dataclass
+class Embeddings:
+    all_scales: torch.Tensor  # [Q, N, D] F(G_{r_i}(x_l)) for every alternative r_i
+    probs: torch.Tensor | None  # [Q, N] P's softmax, None without P
+    bicubic: torch.Tensor  # [Q, D] F(bicubic(x_l)): the baseline without G
+    gallery: torch.Tensor  # [G, D] F(x_h) of the distinct gallery images
+    heights: np.ndarray  # [Q] probe heights (for the size-based choice)
+
+
+@torch.no_grad()
+def embed_test_set(pri: PRI, test: TestSet, *, batch_size: int = 64, device="cpu",
+                   progress: bool = True) -> Embeddings:
+    """Run the model once over the test set (see the module docstring)."""
+    pri = pri.to(device).eval()
+    q_images, g_images = decode_images(test.query), decode_images(test.gallery)
+    all_scales, probs, bicubic = [], [], []
+    bar = tqdm(total=len(q_images) + len(g_images), desc="embed test set", unit="img", disable=not progress)
+    for start in range(0, len(q_images), batch_size):
+        chunk = [x.to(device) for x in q_images[start:start + batch_size]]
+        groups = group_by_size(chunk)
+        all_scales.append(pri.embed_all_scales(groups).float().cpu())
+        if pri.P is not None:
+            probs.append(pri.predict(groups).float().softmax(1).cpu())
+        bicubic.append(_bicubic_features(pri, chunk).cpu())
+        bar.update(len(chunk))
+    gallery = []
+    for start in range(0, len(g_images), batch_size):
+        chunk = torch.stack([x.to(device) for x in g_images[start:start + batch_size]])
+        gallery.append(pri.embed_gallery(chunk).float().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return Embeddings(all_scales=torch.cat(all_scales), probs=torch.cat(probs) if probs else None,
+                      bicubic=torch.cat(bicubic), gallery=torch.cat(gallery),
+                      heights=np.array([x.shape[-2] for x in q_images]))
+
+
+def _bicubic_features(pri: PRI, chunk: list[torch.Tensor]) -> torch.Tensor:
+    """F(x_l up-sampled bicubically to F's input size): the "bicubic + F" baseline."""
+    up = [torch.nn.functional.interpolate(x[None], size=pri.input_size, mode="bicubic", align_corners=False)
+          .clamp_(0, 1) for x in chunk]
+    return pri.embed_gallery(torch.cat(up)).float()
+
+
+# ---------------------------------------------------------------------- scoring
+def choices(pri: PRI, emb: Embeddings, hr_height: float) -> dict[str, torch.Tensor]:
+    """The fixed, size-based and adaptive scale choices of PRI Table 2, as indices [Q]."""
+    scales = pri.scales.cpu()
+    Q = len(emb.heights)
+    out = {f"Fixed x{float(r):g}": torch.full((Q,), k, dtype=torch.long) for k, r in enumerate(scales.tolist())}
+    out["Size-based"] = size_based_index(scales, hr_height, torch.as_tensor(emb.heights, dtype=torch.float32))
+    if emb.probs is not None:
+        out["Adaptive (PRI)"] = emb.probs.argmax(1)
+    return out
+
+
+def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_rank: int = 50) -> dict[str, dict]:
+    """Every row (scale choices, ideal, bicubic + F) on every gallery draw: mean / std of
+    rank-1/5/10 and mAP in %, the mean CMC curve, and the chosen scales."""
+    q_pids, q_cams, g_pids, g_cams = test.q_pids, test.q_cams, test.g_pids, test.g_cams
+    rows = {name: {"index": idx} for name, idx in choices(pri, emb, hr_height).items()}
+    rows["Ideal"] = {"index": None}  # the oracle depends on the draw
+    rows["Bicubic + F"] = {"features": emb.bicubic}
+    Q = emb.all_scales.shape[0]
+    for name, row in rows.items():
+        results, picked = [], []
+        for draw in test.draws:
+            g = emb.gallery[draw]
+            if "features" in row:
+                feats = row["features"]
+            else:
+                idx = row["index"]
+                if idx is None:  # ideal: per probe the scale ranking a true match best in this draw
+                    idx = ideal_scale(emb.all_scales, torch.as_tensor(q_pids), g, torch.as_tensor(g_pids[draw]))
+                picked.append(idx)
+                feats = emb.all_scales[torch.arange(Q), idx]
+            results.append(evaluate_features(feats, g, q_pids, g_pids[draw], q_cams, g_cams[draw],
+                                             max_rank=max_rank))
+        row.update(_summary(results))
+        if picked:
+            row["scales"] = pri.scales.cpu()[picked[0]].numpy()  # the first draw's choice, per probe
+        row.pop("features", None)
+        row.pop("index", None)
+    return rows
+
+
+def _summary(results: list[dict]) -> dict:
+    cmc = np.stack([r["cmc"] for r in results]) * 100
+    mAP = np.array([r["mAP"] for r in results]) * 100
+    out = {"cmc": cmc.mean(0), "cmc_std": cmc.std(0), "repeats": len(results),
+           "mAP": float(mAP.mean()), "mAP_std": float(mAP.std()),
+           "num_skipped": int(results[0]["num_skipped"])}
+    for k in (1, 5, 10):
+        if k <= cmc.shape[1]:
+            out[f"rank{k}"] = float(cmc[:, k - 1].mean())
+            out[f"rank{k}_std"] = float(cmc[:, k - 1].std())
+    return out

@@ -1,0 +1,200 @@
+"""Evaluate the trained model on the test split: the papers' protocol, ablation table, pictures.
+
+For each gallery draw (evaluate.repeats, default all of split.repeats): the HR
+gallery is embedded with F, the LR probes are recovered at the chosen scale and
+embedded; CMC rank-1/5/10 and mAP (Market-1501 protocol, Euclidean distance)
+are averaged over the draws (mean and standard deviation). Every row of PRI
+Table 2 (fixed x1..xN, size-based, ideal, adaptive) and the bicubic + F
+baseline come from one pass of the model (components/evaluation.py).
+
+Inputs:  data/split/split.parquet, models/model.pt
+Outputs: reports/evaluate.json (DVC metrics: the evaluate.predictor row),
+         reports/ablation.{md,json}, reports/plots/{cmc,scale_histogram}.csv (DVC plots),
+         reports/figures/*.png; an MLflow run with all of them
+Params:  evaluate.*, model.*, degrade.hr_height
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.common import REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from
+from pipelines.train import OUT as MODEL
+
+log = logging.getLogger("lrreid")
+
+FIGURES = Path(REPORTS) / "figures"
+PLOTS = Path(REPORTS) / "plots"
+HEADLINE = {"adaptive": "Adaptive (PRI)", "size_based": "Size-based", "ideal": "Ideal", "fixed": "Fixed x1"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_params_arg(parser)
+    parser.add_argument("--split", default=SPLIT_DIR, help=f"split folder (default: {SPLIT_DIR})")
+    parser.add_argument("--model", default=MODEL, help=f"trained weights (default: {MODEL})")
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from components.data import table as T
+    from components.evaluation import embed_test_set, load_test_set, score
+    from components.models.pri import build_pri
+    from components.training import load_weights_file
+    from pipelines import tracking
+
+    params = params_from(args)
+    e = params.evaluate
+    split_file, model_file = Path(args.split) / "split.parquet", Path(args.model)
+    if not model_file.exists():
+        raise StageError(f"{model_file} does not exist: train a model first (`dvc repro train`)")
+    state, meta = load_weights_file(model_file)
+    if meta.get("model", "pri") != "pri":
+        raise StageError(f"{model_file} holds a {meta.get('model')!r} model; the evaluate stage scores PRI models "
+                         "(train.model: pri)")
+    pri = build_pri(params.model, int(meta["num_classes"]), with_predictor=True)
+    missing, unexpected = pri.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StageError(f"{model_file} does not fit params.yaml's model section (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): evaluate with the params it was trained with")
+    test = load_test_set(T.read_table(split_file, T.SPLIT_SCHEMA), e.repeats, source=str(split_file))
+    device = "cuda" if params.train.use_gpu and torch.cuda.is_available() else "cpu"
+    log.info("evaluate: %d probes, %d gallery draws of %d images", test.query.num_rows, len(test.draws),
+             len(test.draws[0]))
+    emb = embed_test_set(pri, test, batch_size=e.batch_size, device=device, progress=not args.no_progress)
+    rows = score(pri, emb, test, hr_height=params.degrade.hr_height, max_rank=e.max_rank)
+
+    headline = rows[HEADLINE[e.predictor]]
+    sections = params.model_dump(mode="json")
+    run_id = tracking.start_run("evaluate", sections,
+                                Path(".lrreid") / "runs" / f"evaluate-{tracking.params_hash(sections)}.mlflow_run_id",
+                                tags={"stage": "evaluate", "model_file_run": meta.get("mlflow_run_id", "")})
+    try:
+        metrics = {k: headline[k] for k in ("rank1", "rank1_std", "rank5", "rank10", "mAP", "mAP_std")
+                   if k in headline}
+        metrics.update(repeats=headline["repeats"], probes=test.query.num_rows, skipped=headline["num_skipped"],
+                       predictor=e.predictor, dataset=params.data.layout, protocol=params.degrade.protocol,
+                       mlflow_run_id=run_id, train_mlflow_run_id=meta.get("mlflow_run_id", ""))
+        outputs = write_reports(rows, metrics, emb, test, pri)
+        outputs += write_figures(rows, emb, test, pri, e.figure_probes)
+        tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+        tracking.log_metrics(run_id, {f"{_key(name)}.{k}": row[k] for name, row in rows.items()
+                                      for k in ("rank1", "mAP") if k in row}, step=0)
+        for path in outputs:
+            tracking.log_artifact(run_id, path, str(path.parent.relative_to(REPORTS)) if path.parent != Path(REPORTS)
+                                  else None)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    log.info("%s: rank-1 %.1f%% +- %.1f, mAP %.1f%% +- %.1f over %d draws (MLflow run %s)", HEADLINE[e.predictor],
+             headline["rank1"], headline["rank1_std"], headline["mAP"], headline["mAP_std"], headline["repeats"],
+             run_id)
+
+
+def _key(name: str) -> str:
+    """An MLflow-safe metric prefix for a table row ("Fixed x2" -> "fixed_x2")."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def ablation_markdown(rows: dict[str, dict]) -> str:
+    lines = ["| method | rank-1 (%) | rank-5 (%) | rank-10 (%) | mAP (%) |", "|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['rank1']:.1f} +- {r['rank1_std']:.1f} | {r.get('rank5', float('nan')):.1f} | "
+                     f"{r.get('rank10', float('nan')):.1f} | {r['mAP']:.1f} +- {r['mAP_std']:.1f} |")
+    repeats = next(iter(rows.values()))["repeats"]
+    lines.append(f"\nMean +- standard deviation over {repeats} gallery draws.")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: dict[str, dict], metrics: dict, emb, test, pri) -> list[Path]:
+    """reports/evaluate.json, ablation.{md,json}, plots/*.csv (written atomically)."""
+    from components.figures import scale_histogram_table
+    from components.fsutil import atomic_path, write_json
+
+    reports = Path(REPORTS)
+    write_json(reports / "evaluate.json", metrics)
+    table = {name: {k: v for k, v in r.items() if k not in ("cmc", "cmc_std", "scales")} for name, r in rows.items()}
+    write_json(reports / "ablation.json", table)
+    with atomic_path(reports / "ablation.md") as tmp:
+        tmp.write_text(ablation_markdown(rows))
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    with atomic_path(PLOTS / "cmc.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "rank", "matching_rate"])
+        for name, r in rows.items():
+            for k, v in enumerate(r["cmc"][:20], start=1):
+                w.writerow([name, k, round(float(v), 3)])
+    scales = pri.scales.cpu().tolist()
+    adaptive = rows.get("Adaptive (PRI)", {}).get("scales")
+    outputs = [reports / "evaluate.json", reports / "ablation.json", reports / "ablation.md", PLOTS / "cmc.csv"]
+    if adaptive is not None:
+        with atomic_path(PLOTS / "scale_histogram.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true_scale", "predicted_scale", "fraction", "count"])
+            for r in scale_histogram_table(test.q_scales, adaptive, scales):
+                w.writerow([r["true_scale"], r["predicted_scale"], round(r["fraction"], 4), r["count"]])
+        outputs.append(PLOTS / "scale_histogram.csv")
+    return outputs
+
+
+def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[Path]:
+    """CMC chart, scale histogram, ranked lists (PRI Fig. 5) and recovered images."""
+    import torch
+
+    from components import figures
+    from components.data.dataset import group_by_size
+    from components.evaluation import decode_images
+
+    out = [figures.cmc_chart({n: r["cmc"] / 100 for n, r in rows.items()}, FIGURES / "cmc.png",
+                             title=f"CMC, mean of {next(iter(rows.values()))['repeats']} gallery draws")]
+    scales = pri.scales.cpu().tolist()
+    adaptive = rows.get("Adaptive (PRI)", {}).get("scales")
+    if adaptive is not None:
+        out.append(figures.scale_histogram(test.q_scales, adaptive, FIGURES / "scale_histogram.png", scales=scales))
+    if n_probes == 0:
+        return out
+    # a few probes, spread over the true down-sampling factors
+    true = test.q_scales
+    picks, seen = [], set()
+    queues = [list(np.flatnonzero(true == s)) for s in np.unique(true)]
+    while len(picks) < n_probes and any(queues):
+        for q in queues:  # round robin over the true factors, one probe per person
+            while q and test.q_pids[q[0]] in seen:
+                q.pop(0)
+            if q and len(picks) < n_probes:
+                picks.append(q.pop(0))
+                seen.add(test.q_pids[picks[-1]])
+    probes = decode_images(test.query.take(picks))
+    draw = test.draws[0]
+    g_images = decode_images(test.gallery.take(draw))
+    g_pids = test.g_pids[draw]
+    index = torch.as_tensor(rows["Adaptive (PRI)"]["scales"] if adaptive is not None else np.ones(len(true)))
+    recoveries, probs, chosen, gallery, matches, labels = [], [], [], [], [], []
+    with torch.no_grad():
+        for i, x in zip(picks, probes):
+            groups = group_by_size([x])
+            recoveries.append([pri.recover(groups, torch.tensor([k]))[0][1][0].clamp(0, 1) for k in range(len(scales))])
+            probs.append(emb.probs[i].tolist() if emb.probs is not None else None)
+            chosen.append(float(index[i]))
+            k = scales.index(float(index[i]))
+            d = torch.cdist(emb.all_scales[i, k][None], emb.gallery[draw])[0]
+            top = d.argsort()[:10].tolist()
+            gallery.append([g_images[j] for j in top])
+            matches.append([bool(g_pids[j] == test.q_pids[i]) for j in top])
+            labels.append([f"id {g_pids[j]}, d={float(d[j]):.1f}" for j in top])
+    out.append(figures.ranked_list(
+        probes, recoveries, gallery, FIGURES / "ranked_list.png",
+        probe_labels=[f"id {test.q_pids[i]}, true x{true[i]:g}" for i in picks],
+        scale_probs=probs if emb.probs is not None else None, scales=scales, chosen=chosen,
+        matches=matches, gallery_labels=labels))
+    out.append(figures.image_grid(
+        [[p] + rec for p, rec in zip(probes, recoveries)], FIGURES / "recovered.png",
+        row_labels=[f"true x{true[i]:g}" for i in picks], col_labels=["LR probe"] + [f"G x{r:g}" for r in scales]))
+    return out

@@ -1,0 +1,116 @@
+"""The evaluation protocol (components/evaluation.py) and the evaluate stage on a tiny split and model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from components.config import validate_params
+from components.data import table as T
+from tests.conftest import tiny_model_params
+
+
+@pytest.fixture(scope="module")
+def split_table():
+    from components.config import DegradeParams
+    from components.data.protocols import degrade
+    from components.data.splits import split_identities
+    from tests.conftest import make_canonical
+
+    canonical = make_canonical(n_ids=10, per_cam=3, size=(32, 16))
+    deg = degrade(canonical, DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]), progress=False).table
+    return split_identities(deg, n_test=5, repeats=3, seed=0).table
+
+
+@pytest.fixture(scope="module")
+def pri():
+    from components.models.pri import build_pri
+
+    torch.manual_seed(0)
+    return build_pri(tiny_model_params(scales=[1, 2, 4]), num_classes=5).eval()
+
+
+def test_test_set_draws(split_table):
+    from components.evaluation import load_test_set
+
+    test = load_test_set(split_table)
+    assert test.draw_ids == [0, 1, 2] and all(len(d) == 5 for d in test.draws)
+    assert len(set(test.gallery[T.IMAGE_ID].to_pylist())) == test.gallery.num_rows  # distinct images
+    for k, draw in enumerate(test.draws):  # each draw: one HR image per test identity
+        assert sorted(test.g_pids[draw]) == sorted(set(test.q_pids))
+    assert len(load_test_set(split_table, repeats=2).draws) == 2
+    with pytest.raises(ValueError, match="evaluate.repeats = 4"):
+        load_test_set(split_table, repeats=4)
+    with pytest.raises(ValueError, match="query"):
+        load_test_set(split_table.filter(np.array(split_table[T.SPLIT].to_pylist()) == "train"))
+
+
+def test_rows_of_table_2_from_one_pass(split_table, pri):
+    from components.evaluation import embed_test_set, load_test_set, score
+
+    test = load_test_set(split_table)
+    emb = embed_test_set(pri, test, batch_size=4, progress=False)
+    Q = test.query.num_rows
+    assert emb.all_scales.shape == (Q, 3, 32) and emb.probs.shape == (Q, 3)
+    assert emb.gallery.shape[0] == test.gallery.num_rows <= 15  # distinct images of the 3 draws
+    # the stored features are F(G_r(x_l)) of the model, probe by probe
+    one = pri.embed_all_scales(torch.stack([emb_input for emb_input in _probe_images(test)[:1]]))
+    assert torch.allclose(one[0], emb.all_scales[0], atol=1e-5)
+    rows = score(pri, emb, test, hr_height=32, max_rank=5)
+    assert list(rows) == ["Fixed x1", "Fixed x2", "Fixed x4", "Size-based", "Adaptive (PRI)", "Ideal", "Bicubic + F"]
+    for name, r in rows.items():
+        assert 0 <= r["rank1"] <= r["rank5"] <= 100 and 0 < r["mAP"] <= 100, name
+        assert r["repeats"] == 3 and r["cmc"].shape == (5,)
+    # the oracle is at least as good as every fixed choice, draw by draw and so on average
+    assert rows["Ideal"]["rank1"] >= max(rows[f"Fixed x{r}"]["rank1"] for r in (1, 2, 4)) - 1e-9
+    # size-based: x2 probes (16 px high) -> scale 2, x4 probes (8 px) -> scale 4
+    assert set(zip(test.q_scales.tolist(), rows["Size-based"]["scales"].tolist())) == {(2.0, 2.0), (4.0, 4.0)}
+    # adaptive = argmax of P
+    assert np.array_equal(rows["Adaptive (PRI)"]["scales"], pri.scales[emb.probs.argmax(1)].numpy())
+
+
+def _probe_images(test):
+    from components.evaluation import decode_images
+
+    return decode_images(test.query)
+
+
+def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_path, monkeypatch):
+    from components.training import save_weights_dict
+    from pipelines.cli import main
+    from pipelines.tracking import client
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = validate_params({"model": tiny_model_params(scales=[1, 2, 4]).model_dump(mode="json"),
+                              "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
+                              "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 2}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    (tmp_path / "data" / "split").mkdir(parents=True)
+    T.write_table(split_table, tmp_path / "data" / "split" / "split.parquet", T.SPLIT_SCHEMA)
+    save_weights_dict(pri.state_dict(), tmp_path / "models" / "model.pt",
+                      {"phase": "joint", "model": "pri", "num_classes": 5, "mlflow_run_id": "x"})
+    assert main(["evaluate", "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "reports" / "evaluate.json").read_text())
+    assert metrics["predictor"] == "adaptive" and metrics["repeats"] == 2 and 0 <= metrics["rank1"] <= 100
+    assert "| Ideal |" in (tmp_path / "reports" / "ablation.md").read_text()
+    for name in ("cmc.png", "ranked_list.png", "recovered.png", "scale_histogram.png"):
+        assert (tmp_path / "reports" / "figures" / name).stat().st_size > 0
+    assert (tmp_path / "reports" / "plots" / "cmc.csv").read_text().startswith("method,rank,matching_rate")
+    run = client().get_run(metrics["mlflow_run_id"])
+    assert run.data.metrics["rank1"] == pytest.approx(metrics["rank1"])
+    assert "ideal.rank1" in run.data.metrics and run.info.status == "FINISHED"
+    logged = {a.path for a in client().list_artifacts(run.info.run_id, "figures")}
+    assert "figures/ranked_list.png" in logged
+
+
+def test_evaluate_stage_errors(tmp_path, monkeypatch):
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["evaluate", "--no-progress"]) == 2  # no model: a one-line error, exit 2
