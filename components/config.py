@@ -202,6 +202,7 @@ class TrainParams(_Section):
     epochs: int = Field(2, ge=1)  # T2 (paper: 60; CAVIAR 140)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
     label_refresh: Literal["cached", "naive"] = "cached"  # label bank every omega epochs, or every step
+    track_images: int = Field(4, ge=0)  # training images whose r_p is logged every joint epoch (PRI Fig. 3)
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP)
     use_gpu: bool = False
     cpus_per_worker: float = Field(2, gt=0)  # also the torch threads of each worker
@@ -220,7 +221,6 @@ class EvaluateParams(_Section):
     max_rank: int = Field(50, ge=1)  # CMC length
     predictor: Literal["adaptive", "size_based", "ideal", "fixed"] = "adaptive"  # the headline row
     figure_probes: int = Field(4, ge=0)  # probes drawn in the ranked-list picture
-    figure_images: int = Field(4, ge=0)  # training images whose r_p is followed across epochs (Fig. 3)
 
 
 class RegistryParams(_Section):

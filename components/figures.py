@@ -349,6 +349,7 @@ def r_p_evolution(history: dict[str, list[tuple[int, float]]], path, *,
         raise ValueError("history: expected at least one image, got none")
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
+    last_epoch = 0
     for image_id, points in history.items():
         if len(points) == 0:
             raise ValueError(f"history[{image_id!r}]: expected (epoch, r_p) points, got none")
@@ -357,10 +358,12 @@ def r_p_evolution(history: dict[str, list[tuple[int, float]]], path, *,
         except (TypeError, ValueError) as exc:
             raise ValueError(f"history[{image_id!r}]: expected (epoch, r_p) pairs ({exc})") from None
         ax.plot(epochs, r_p, marker="o", markersize=4, label=str(image_id))
+        last_epoch = max(last_epoch, epochs[-1])
+    ax.set_xlim(-0.5, last_epoch + 0.5)  # epochs are integers: no fractional axis for a single epoch
     ax.set_yticks(list(scales))
     ax.set_ylim(min(scales) - 0.5, max(scales) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("joint epoch")
     ax.set_ylabel("r_p")
     ax.set_title(title)
     ax.grid(True, alpha=0.4)

@@ -52,7 +52,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from components.config import LossParams, TrainParams
-from components.data.dataset import SizeGroup, TripletBatch, TripletDataset, collate_triplets, ungroup
+from components.data.dataset import SizeGroup, TripletBatch, TripletDataset, collate_triplets, group_by_size, ungroup
 from components.fsutil import atomic_path
 from components.losses import id_loss, prediction_loss, sr_loss, total_loss, triplet_loss
 from components.models.ffsr import ffsr_loss, foreground_mask
@@ -314,6 +314,36 @@ def refresh_label_bank(pri: nn.Module, dataset: TripletDataset, bank: LabelBank,
                            "computed by no rank or by several")
     bank.update(torch.arange(len(dataset)), d_all, epoch)
     return time.perf_counter() - start
+
+
+@torch.no_grad()
+def tracked_scales(pri: nn.Module, dataset: TripletDataset, bank: LabelBank, n: int, *, device,
+                   precision: str) -> dict[str, float]:
+    """PRI Fig. 3: for ``n`` training images spread over the dataset, the scale P picks now
+    (r_p = argmax P(x_l)) and the optimal one of the current soft label (argmax of Eq. 3).
+
+    Returns {"r_p/<image_id>": r_p, "r_opt/<image_id>": r*}, logged every joint epoch.
+    """
+    net = unwrap(pri)
+    if n <= 0 or net.P is None:
+        return {}
+    device = torch.device(device)
+    index = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().unique().tolist()
+    was_training = net.training
+    net.eval()
+    try:
+        with autocast(device, precision):
+            logits = net.predict(group_by_size([dataset[i]["x_l"].to(device) for i in index]))
+    finally:
+        net.train(was_training)
+    scales = net.scales.cpu()
+    r_p = scales[logits.float().argmax(1).cpu()]
+    r_opt = scales[bank.labels[index].argmax(1)]
+    out = {}
+    for i, p, o in zip(index, r_p.tolist(), r_opt.tolist()):
+        out[f"r_p/{dataset.lr_image_id(i)}"] = p
+        out[f"r_opt/{dataset.lr_image_id(i)}"] = o
+    return out
 
 
 # ----------------------------------------------------------------------------- epoch loops

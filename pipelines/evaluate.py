@@ -7,7 +7,7 @@ are averaged over the draws (mean and standard deviation). Every row of PRI
 Table 2 (fixed x1..xN, size-based, ideal, adaptive) and the bicubic + F
 baseline come from one pass of the model (components/evaluation.py).
 
-Inputs:  data/split/split.parquet, models/model.pt
+Inputs:  data/split/split.parquet, models/model.pt, reports/plots/r_p_history.csv (train)
 Outputs: reports/evaluate.json (DVC metrics: the evaluate.predictor row),
          reports/ablation.{md,json}, reports/plots/{cmc,scale_histogram}.csv (DVC plots),
          reports/figures/*.png; an MLflow run with all of them
@@ -158,6 +158,14 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     adaptive = rows.get("Adaptive (PRI)", {}).get("scales")
     if adaptive is not None:
         out.append(figures.scale_histogram(test.q_scales, adaptive, FIGURES / "scale_histogram.png", scales=scales))
+    history = Path(PLOTS) / "r_p_history.csv"  # written by the train stage
+    if history.exists():
+        series: dict[str, list[tuple[int, float]]] = {}
+        with open(history, newline="") as f:
+            for row in csv.DictReader(f):
+                series.setdefault(row["image"], []).append((int(row["epoch"]), float(row["r_p"])))
+        if series:
+            out.append(figures.r_p_evolution(series, FIGURES / "r_p_evolution.png", scales=scales))
     if n_probes == 0:
         return out
     # a few probes, spread over the true down-sampling factors

@@ -170,7 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     from components.models.pri import build_pri
     from components.soft_label import LabelBank
     from components.training import (NonFiniteLossError, TrainingState, build_optimizer, refresh_label_bank,
-                                     resolve_precision, run_ffsr_rife_epoch, run_pri_epoch, unwrap)
+                                     resolve_precision, run_ffsr_rife_epoch, run_pri_epoch, tracked_scales, unwrap)
 
     params = Params.model_validate(config["params"])
     phase = config["phase"]
@@ -236,6 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         if bank is not None:
             metrics["label_bank_entropy"] = bank.entropy()
+            metrics.update(tracked_scales(model, dataset, bank, t.track_images, device=device, precision=precision))
         state.epoch = epoch
         state.extra["generator"] = generator.get_state()
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -259,6 +260,23 @@ def _md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_r_p_history(history: list[dict], path: Path) -> None:
+    """The tracked images' r_p and optimal scale per joint epoch (PRI Fig. 3), as a DVC plots CSV."""
+    import csv
+
+    from components.fsutil import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "image", "r_p", "r_opt"])
+        for metrics in history:
+            for key, value in sorted(metrics.items()):
+                if key.startswith("r_p/"):
+                    image = key[len("r_p/"):]
+                    w.writerow([int(metrics["epoch"]), image, value, metrics.get(f"r_opt/{image}", "")])
 
 
 def code_md5() -> str:
@@ -306,6 +324,8 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
     meta = {"phase": phase, "model": params.train.model, "num_classes": int(len(set(table[T.PERSON_ID].to_pylist()))),
             "epochs": int(state["epoch"]) + 1, "mlflow_run_id": run_id, "ray_run": name}
     save_weights_dict(state["model"], out, meta)
+    if phase == "joint" and params.train.model == "pri":
+        write_r_p_history(state["extra"].get("history", []), Path(report).parent / "plots" / "r_p_history.csv")
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     summary["wall_seconds"] = time.perf_counter() - started
     write_json(report, summary)

@@ -93,6 +93,10 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
     assert any(k.startswith("P.") for k in state) and any(k.startswith("G.") for k in state)
     report = json.loads((workdir / "train.json").read_text())
     assert report["epoch"] == 1
+    # PRI Fig. 3: r_p and the optimal scale of train.track_images images, every joint epoch
+    rows = (workdir / "plots" / "r_p_history.csv").read_text().splitlines()
+    assert rows[0] == "epoch,image,r_p,r_opt" and {r.split(",")[0] for r in rows[1:]} == {"0", "1"}
+    assert len(rows) - 1 == 2 * params.train.track_images
     # MLflow: one record per epoch, written by the driver-side callback, with the tags
     from pipelines.tracking import client
 
@@ -150,11 +154,15 @@ def test_a_killed_worker_is_recovered_without_double_counting(local_ray, split_d
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if list(storage.glob("*/checkpoint_*")):
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    cmd = " ".join(proc.info["cmdline"] or [])
+                # only this test's Ray (started by this process): never another run's workers on the machine
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        cmd = " ".join(proc.cmdline())
+                    except psutil.Error:
+                        continue
                     if "RayTrainWorker" in cmd:
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                        proc.kill()
+                        killed.append(proc.pid)
                         return
             time.sleep(0.2)
 

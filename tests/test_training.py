@@ -334,3 +334,20 @@ def test_distributed_refresh_metrics_and_nan(split, tmp_path):
     assert ranks[0]["samples"] == ranks[1]["samples"] == 2 * sum(len(b) for b in shard)  # metrics over all ranks
     assert ranks[0]["error"] == "epoch 2, step 0: L_id is nan"
     assert ranks[1]["error"] == "epoch 2, step 0: L_id is not finite on another rank"
+
+
+def test_tracked_scales_follow_P_and_the_label_bank(split):
+    """PRI Fig. 3 data: r_p = argmax P(x_l) of a few images and the argmax of their current soft label."""
+    loader = _loader(split)
+    ds = loader.dataset
+    pri = _pri(ds.num_classes).eval()
+    bank = LabelBank(len(ds), 4, 1, kind="soft", gamma=1, seed=0)
+    bank.labels[:] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # optimal scale x3 everywhere
+    out = T.tracked_scales(pri, ds, bank, 3, device=CPU, precision="fp32")
+    images = [k[len("r_p/"):] for k in out if k.startswith("r_p/")]
+    assert len(images) == 3 and images[0] == ds.lr_image_id(0) and images[-1] == ds.lr_image_id(len(ds) - 1)
+    assert all(out[f"r_opt/{i}"] == 3.0 for i in images)
+    with torch.no_grad():
+        expected = pri.scales[pri.predict(ds[0]["x_l"][None]).argmax(1)].item()
+    assert out[f"r_p/{images[0]}"] == expected and not pri.training
+    assert T.tracked_scales(pri, ds, bank, 0, device=CPU, precision="fp32") == {}

@@ -166,6 +166,10 @@ class TripletDataset(Dataset):
     def __len__(self) -> int:
         return len(self._lr_rows)
 
+    def lr_image_id(self, index: int) -> str:
+        """The image_id of LR item ``index``."""
+        return self._image_ids[self._lr_rows[index]]
+
     def _decode(self, row: int) -> np.ndarray:
         return decode(self._images[row].as_py(), self._image_ids[row])
 
