@@ -178,6 +178,42 @@ def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_ran
     return rows
 
 
+@torch.no_grad()
+def embed_ffsr_rife(ffsr: torch.nn.Module, rife: torch.nn.Module, test: TestSet, *, hr_size: tuple[int, int],
+                    batch_size: int = 64, device="cpu", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFSR paper's model on the test set: probes FFSR(x_l) super-resolved to ``hr_size``
+    then RIFE; gallery images RIFE(x_h). Returns (probe features [Q, D], gallery features [G, D])."""
+    ffsr, rife = ffsr.to(device).eval(), rife.to(device).eval()
+    q_images, g_images = decode_images(test.query), decode_images(test.gallery)
+    probes, gallery = [], []
+    bar = tqdm(total=len(q_images) + len(g_images), desc="embed test set (FFSR+RIFE)", unit="img",
+               disable=not progress)
+    for start in range(0, len(q_images), batch_size):
+        chunk = q_images[start:start + batch_size]
+        feats = torch.empty(len(chunk), 0)
+        for g in group_by_size([x.to(device) for x in chunk]):
+            f = rife(ffsr(g.images, hr_size).clamp(0, 1)).feature.float().cpu()
+            if feats.shape[1] == 0:
+                feats = torch.empty(len(chunk), f.shape[1])
+            feats[g.index.cpu()] = f
+        probes.append(feats)
+        bar.update(len(chunk))
+    for start in range(0, len(g_images), batch_size):
+        chunk = torch.stack([x.to(device) for x in g_images[start:start + batch_size]])
+        gallery.append(rife(chunk).feature.float().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(probes), torch.cat(gallery)
+
+
+def score_features(probe: torch.Tensor, gallery: torch.Tensor, test: TestSet, *, max_rank: int = 50) -> dict:
+    """One row of the table for a model that gives its own probe and gallery features
+    (e.g. FFSR + RIFE): the same protocol and summary as :func:`score`."""
+    results = [evaluate_features(probe, gallery[d], test.q_pids, test.g_pids[d], test.q_cams, test.g_cams[d],
+                                 max_rank=max_rank) for d in test.draws]
+    return _summary(results)
+
+
 def _summary(results: list[dict]) -> dict:
     cmc = np.stack([r["cmc"] for r in results]) * 100
     mAP = np.array([r["mAP"] for r in results]) * 100

@@ -114,3 +114,22 @@ def test_evaluate_stage_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("{}\n")
     assert main(["evaluate", "--no-progress"]) == 2  # no model: a one-line error, exit 2
+
+
+def test_ffsr_rife_rows_use_the_same_protocol(split_table):
+    """FFSR+RIFE: probes super-resolved by FFSR to the HR size, then RIFE; gallery RIFE only."""
+    from components.evaluation import embed_ffsr_rife, load_test_set, score_features
+    from components.models.ffsr import FFSR
+    from components.models.rife import RIFE
+
+    torch.manual_seed(0)
+    ffsr, rife = FFSR(channels=4), RIFE("resnet18", num_classes=0, feature_dim=8, weight_hidden=4, input_size=(32, 16))
+    test = load_test_set(split_table)
+    probe, gallery = embed_ffsr_rife(ffsr, rife, test, hr_size=(32, 16), batch_size=3, progress=False)
+    assert probe.shape == (test.query.num_rows, 8) and gallery.shape == (test.gallery.num_rows, 8)
+    x = _probe_images(test)[1]
+    with torch.no_grad():
+        expected = rife.eval()(ffsr.eval()(x[None], (32, 16)).clamp(0, 1)).feature[0]
+    assert torch.allclose(probe[1], expected, atol=1e-5)  # batch order kept across size groups
+    row = score_features(probe, gallery, test, max_rank=5)
+    assert row["repeats"] == 3 and 0 <= row["rank1"] <= row["rank5"] <= 100 and row["cmc"].shape == (5,)
