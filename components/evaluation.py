@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from components import images
 from components.data import table as T
-from components.data.dataset import group_by_size, to_tensor
+from components.data.dataset import group_by_size, to_tensor, ungroup
 from components.metrics import evaluate_features
 from components.models.pri import PRI, ideal_scale, size_based_index
 
@@ -152,29 +152,22 @@ def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_ran
     """Every row (scale choices, ideal, bicubic + F) on every gallery draw: mean / std of
     rank-1/5/10 and mAP in %, the mean CMC curve, and the chosen scales."""
     q_pids, q_cams, g_pids, g_cams = test.q_pids, test.q_cams, test.g_pids, test.g_cams
-    rows = {name: {"index": idx} for name, idx in choices(pri, emb, hr_height).items()}
-    rows["Ideal"] = {"index": None}  # the oracle depends on the draw
-    rows["Bicubic + F"] = {"features": emb.bicubic}
+    indices = choices(pri, emb, hr_height)
+    indices["Ideal"] = None  # the oracle depends on the draw
     Q = emb.all_scales.shape[0]
-    for name, row in rows.items():
+    rows = {}
+    for name, fixed in indices.items():
         results, picked = [], []
         for draw in test.draws:
             g = emb.gallery[draw]
-            if "features" in row:
-                feats = row["features"]
-            else:
-                idx = row["index"]
-                if idx is None:  # ideal: per probe the scale ranking a true match best in this draw
-                    idx = ideal_scale(emb.all_scales, torch.as_tensor(q_pids), g, torch.as_tensor(g_pids[draw]))
-                picked.append(idx)
-                feats = emb.all_scales[torch.arange(Q), idx]
-            results.append(evaluate_features(feats, g, q_pids, g_pids[draw], q_cams, g_cams[draw],
-                                             max_rank=max_rank))
-        row.update(_summary(results))
-        if picked:
-            row["scales"] = pri.scales.cpu()[picked[0]].numpy()  # the first draw's choice, per probe
-        row.pop("features", None)
-        row.pop("index", None)
+            idx = fixed  # ideal: per probe the scale ranking a true match best in this draw
+            if idx is None:
+                idx = ideal_scale(emb.all_scales, torch.as_tensor(q_pids), g, torch.as_tensor(g_pids[draw]))
+            picked.append(idx)
+            results.append(evaluate_features(emb.all_scales[torch.arange(Q), idx], g, q_pids, g_pids[draw], q_cams,
+                                             g_cams[draw], max_rank=max_rank))
+        rows[name] = {**_summary(results), "scales": pri.scales.cpu()[picked[0]].numpy()}  # draw 0's choice
+    rows["Bicubic + F"] = score_features(emb.bicubic, emb.gallery, test, max_rank=max_rank)
     return rows
 
 
@@ -190,13 +183,9 @@ def embed_ffsr_rife(ffsr: torch.nn.Module, rife: torch.nn.Module, test: TestSet,
                disable=not progress)
     for start in range(0, len(q_images), batch_size):
         chunk = q_images[start:start + batch_size]
-        feats = torch.empty(len(chunk), 0)
-        for g in group_by_size([x.to(device) for x in chunk]):
-            f = rife(ffsr(g.images, hr_size).clamp(0, 1)).feature.float().cpu()
-            if feats.shape[1] == 0:
-                feats = torch.empty(len(chunk), f.shape[1])
-            feats[g.index.cpu()] = f
-        probes.append(feats)
+        groups = group_by_size([x.to(device) for x in chunk])
+        feats = [rife(ffsr(g.images, hr_size).clamp(0, 1)).feature.float().cpu() for g in groups]
+        probes.append(ungroup(groups, feats, len(chunk)))
         bar.update(len(chunk))
     for start in range(0, len(g_images), batch_size):
         chunk = torch.stack([x.to(device) for x in g_images[start:start + batch_size]])

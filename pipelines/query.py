@@ -75,8 +75,10 @@ def default_model_uri(params_path: str) -> str:
 
 # ---------------------------------------------------------------------- inputs
 def to_chw(arr: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> 3xHxW float32 in [0, 1] (the model's input)."""
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 255.0
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1] (the model's input), via the one converter."""
+    from components.data.dataset import to_tensor
+
+    return to_tensor(arr).numpy()
 
 
 def read_probe(path: Path) -> np.ndarray:

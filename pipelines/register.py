@@ -56,13 +56,6 @@ def run(args: argparse.Namespace) -> None:
              evaluate=Path(args.evaluate), ablation=Path(args.ablation), out=Path(args.out))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`lrreid register ...` (the CLI's error handling and exit codes)."""
-    from pipelines.cli import main as cli_main
-
-    return cli_main(["register", *(argv or [])])
-
-
 # ---------------------------------------------------------------------- inputs
 def read_evaluation(path: Path) -> dict:
     """reports/evaluate.json, checked against its contract."""

@@ -209,9 +209,9 @@ def test_query_command_and_errors(workdir, runs, capsys):
         (["register", "--params", str(_params_file(workdir)), "--evaluate", str(workdir / "missing.json")],
          "missing.json: missing; run `lrreid evaluate`"),
     ]
-    from pipelines.register import main as register_main
+    from pipelines.cli import main as cli_main
 
-    assert register_main(cases[-1][0][1:]) == 2  # the module's own main(argv): the same command
+    assert cli_main(list(cases[-1][0])) == 2  # the same command in-process: the same exit code
     for argv, message in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv
