@@ -231,6 +231,97 @@ class RegistryParams(_Section):
     champion_alias: str = "champion"  # moved only when the new version's rank-1 beats the champion's
 
 
+# The extra models of the ablation table (PRI Table 2 + the FFSR paper): name -> params overrides.
+VARIANTS: dict[str, dict] = {
+    "ffsr_rife": {"train": {"model": "ffsr_rife"}},  # FFSR + RIFE (the FFSR paper's model)
+    "rife_pri": {"model": {"reid": "rife"}},  # RIFE as F + PRI
+}
+
+
+class AblationParams(_Section):
+    """Variants trained beside the main model (dvc.yaml's pretrain_variant / train_variant) for the table."""
+
+    variants: list[Literal["ffsr_rife", "rife_pri"]] = ["ffsr_rife", "rife_pri"]  # []: only the main model's rows
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"each variant once, e.g. {list(VARIANTS)}")
+        return v
+
+
+SEARCHABLE = ("model", "loss", "train")  # the sections tune.space may search (their scalar keys)
+DEFAULT_SPACE = {
+    "model.gamma": {"choice": ["1/3", 1, 3]},
+    "model.omega": {"choice": [1, 2]},
+    "loss.alpha": {"choice": [0.5, 1, 2]},
+    "loss.beta": {"loguniform": [0.001, 0.1]},
+    "loss.margin": {"choice": [5, 10, 20]},
+    "train.lr_backbone": {"loguniform": [0.0001, 0.003]},
+    "train.lr_head": {"loguniform": [0.0001, 0.003]},
+}
+
+
+class TuneParams(_Section):
+    """`lrreid tune`: a Ray Tune search over training params, ASHA on validation rank-1."""
+
+    num_samples: int = Field(6, ge=1)  # trials (each draws one point of tune.space)
+    max_concurrent_trials: int = Field(1, ge=1)  # trials at once; each takes train.num_workers x train.cpus_per_worker
+    epochs: int = Field(3, ge=1)  # joint epochs of a trial that is never stopped (ASHA's max_t)
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: int = Field(2, ge=2)  # ASHA keeps 1 / reduction_factor of the trials at each rung
+    val_identities: int = Field(50, ge=1)  # training identities held out for validation rank-1 (never test ids)
+    pretrain: Literal["shared", "per_trial"] = "shared"  # shared: trials start from models/pretrain.pt;
+    #                                                      per_trial: each trial pretrains (T1) with its own config
+    name: str = Field("lrreid-tune", pattern=r"^[A-Za-z0-9_.-]+$")  # the search's folder under train.storage_path
+    seed: int = 0  # the validation hold-out and the search's sampling
+    space: dict[str, dict[str, list]] = DEFAULT_SPACE  # dotted key -> {choice|grid: [...]} | {uniform|loguniform: [lo, hi]}
+
+
+def _check_space(p: "Params") -> None:
+    """Every key of tune.space is a scalar training param and every value one it accepts."""
+    dump = p.model_dump(mode="json")
+    sections = {"model": ModelParams, "loss": LossParams, "train": TrainParams}
+    for key, spec in p.tune.space.items():
+        name = f"tune.space.{key}"
+        parts = key.split(".")
+        node, models = dump, []
+        if parts[0] not in SEARCHABLE or len(parts) < 2:
+            raise _KeyError(name, spec, f"a key of the {', '.join(SEARCHABLE)} sections, e.g. model.gamma")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise _KeyError(name, spec, f"a key of the {', '.join(SEARCHABLE)} sections, e.g. model.gamma")
+        if parts[-1] not in node or isinstance(node[parts[-1]], (dict, list)):
+            known = ", ".join(k for k, v in node.items() if not isinstance(v, (dict, list)))
+            raise _KeyError(name, spec, f"a scalar param; known keys here: {known}")
+        if len(spec) != 1 or next(iter(spec)) not in ("choice", "grid", "uniform", "loguniform"):
+            raise _KeyError(name, spec, "one of {choice: [v1, v2, ...]}, {grid: [v1, v2, ...]}, {uniform: [lo, hi]}, "
+                            "{loguniform: [lo, hi]}")
+        kind, values = next(iter(spec.items()))
+        if kind in ("choice", "grid") and not values:
+            raise _KeyError(name, spec, f"a non-empty list of {kind} values")
+        if kind not in ("choice", "grid"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+                raise _KeyError(name, spec, f"{kind}: [lo, hi] with lo < hi")
+            if kind == "loguniform" and values[0] <= 0:
+                raise _KeyError(name, spec, "loguniform: [lo, hi] with 0 < lo < hi")
+        for value in values:  # each candidate through the section's own validators (even gamma, lr <= 0, ...)
+            section = dict(dump[parts[0]])
+            leaf = section
+            for part in parts[1:-1]:
+                leaf[part] = dict(leaf[part])
+                leaf = leaf[part]
+            leaf[parts[-1]] = value
+            try:
+                sections[parts[0]].model_validate(section)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                msg = str((err.get("ctx") or {}).get("error") or err["msg"]).removeprefix("Value error, ")
+                raise _KeyError(name, value, msg) from None
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     degrade: DegradeParams = DegradeParams()
@@ -240,6 +331,16 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    ablation: AblationParams = AblationParams()
+    tune: TuneParams = TuneParams()
+
+    def for_variant(self, name: str | None) -> "Params":
+        """These params with ablation variant ``name``'s overrides (VARIANTS); None: unchanged."""
+        if name is None:
+            return self
+        if name not in VARIANTS:
+            raise ParamsError(f"ablation variant {name!r} is not known; known variants: {', '.join(VARIANTS)}")
+        return validate_params(merge(self.model_dump(mode="json"), VARIANTS[name]), f"params + variant {name}")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -257,6 +358,7 @@ class Params(_Section):
                 "degrade.width_range", list(self.degrade.width_range),
                 f"widths below degrade.hr_width ({self.degrade.hr_width})",
             )
+        _check_space(self)
         return self
 
 

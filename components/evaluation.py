@@ -30,7 +30,7 @@ from components import images
 from components.data import table as T
 from components.data.dataset import group_by_size, to_tensor, ungroup
 from components.metrics import evaluate_features
-from components.models.pri import PRI, ideal_scale, size_based_index
+from components.models.pri import PRI, Adaptive, SizeBased, ideal_scale, size_based_index
 
 
 @dataclass
@@ -201,6 +201,23 @@ def score_features(probe: torch.Tensor, gallery: torch.Tensor, test: TestSet, *,
     results = [evaluate_features(probe, gallery[d], test.q_pids, test.g_pids[d], test.q_cams, test.g_cams[d],
                                  max_rank=max_rank) for d in test.draws]
     return _summary(results)
+
+
+@torch.no_grad()
+def validate(pri: PRI, test: TestSet, *, hr_height: float, batch_size: int = 64, device="cpu") -> dict[str, float]:
+    """Rank-1 and mAP (%) of the model's own scale choice on a validation set: the adaptive
+    r_p with P, the size-based one without (pretraining). The metric a search optimises."""
+    was_training = pri.training
+    pri.eval()
+    choose = Adaptive() if pri.P is not None else SizeBased(hr_height)
+    q_images, g_images = decode_images(test.query), decode_images(test.gallery)
+    probes = [pri.embed_probe(group_by_size([x.to(device) for x in q_images[i:i + batch_size]]), choose)[0].float()
+              for i in range(0, len(q_images), batch_size)]
+    gallery = [pri.embed_gallery(torch.stack(g_images[i:i + batch_size]).to(device)).float()
+               for i in range(0, len(g_images), batch_size)]
+    pri.train(was_training)
+    row = score_features(torch.cat(probes).cpu(), torch.cat(gallery).cpu(), test, max_rank=1)
+    return {"val_rank1": row["rank1"], "val_mAP": row["mAP"]}
 
 
 def _summary(results: list[dict]) -> dict:

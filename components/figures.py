@@ -9,6 +9,8 @@
 - ``r_p_evolution``: Fig. 3 of the PRI paper: the predicted scale r_p of a few
   training images across epochs.
 - ``image_grid``: a plain grid of images, e.g. LR probe | recovered x1..x4 | HR.
+- ``search_scatter``: a hyperparameter search: the metric of every trial against
+  each searched parameter (one panel per parameter).
 
 Images are torch tensors ``[3, H, W]`` (or ``[H, W, 3]`` arrays) of floats in
 [0, 1], or ``H x W x 3`` uint8 arrays. Figures are drawn with matplotlib's Agg
@@ -36,7 +38,7 @@ CHOSEN_COLOR = (0.85, 0.1, 0.1)    # caption of the chosen scale r_p
 DPI = 100
 
 __all__ = ["cmc_chart", "ranked_list", "scale_histogram", "scale_histogram_table",
-           "r_p_evolution", "image_grid"]
+           "r_p_evolution", "image_grid", "search_scatter"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -389,3 +391,39 @@ def image_grid(rows: list[list], path, *, row_labels: Sequence[str] | None = Non
     cells = [[_Cell(_to_hwc(image, f"rows[{i}][{j}]")) for j, image in enumerate(row)]
              for i, row in enumerate(rows)]
     return _save(_grid_figure(cells, row_labels=row_labels, col_labels=col_labels), path)
+
+
+def search_scatter(trials: list[dict], keys: Sequence[str], path, *, metric: str = "val_rank1",
+                   log_keys: Sequence[str] = (), best: int | None = None, title: str = "search") -> Path:
+    """``metric`` of every trial against each key of ``keys`` (one panel each); ``trials``
+    are dicts with ``config`` (key -> value) and ``metric``; trials without it are left out.
+    ``log_keys`` get a log x axis; trial ``best`` (an index) is drawn as a star."""
+    if not keys:
+        raise ValueError("search_scatter: no searched parameter to plot")
+    cols = min(len(keys), 4)
+    rows = (len(keys) + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    scored = [(i, t) for i, t in enumerate(trials) if t.get(metric) is not None]
+    for n, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        values = [t["config"].get(key) for _, t in scored]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({str(v) for v in values})
+        xs = [float(v) if numeric else labels.index(str(v)) for v in values]
+        ys = [float(t[metric]) for _, t in scored]
+        ax.scatter(xs, ys, s=24, color="tab:blue", alpha=0.8)
+        for (i, _), x, y in zip(scored, xs, ys):
+            if i == best:
+                ax.scatter([x], [y], s=140, marker="*", color="tab:red", zorder=3, label="best")
+        if not numeric:
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels)
+        elif key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: {len(scored)} trials with {metric}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -22,6 +22,7 @@ STAGES = {
     "train": "pipelines.train",
     "evaluate": "pipelines.evaluate",
     "register": "pipelines.register",
+    "tune": "pipelines.tune",
     "preset": "pipelines.preset",
     "query": "pipelines.query",
 }

@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from components.config import Params, ParamsError, load_params
 
@@ -37,8 +38,23 @@ def add_params_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def params_from(args: argparse.Namespace) -> Params:
-    """Load and validate params before the stage does any work."""
-    return load_params(args.params)
+    """Load and validate params before the stage does any work (with --variant's overrides, if any)."""
+    return load_params(args.params).for_variant(getattr(args, "variant", None))
+
+
+def add_variant_arg(parser: argparse.ArgumentParser) -> None:
+    from components.config import VARIANTS
+
+    parser.add_argument("--variant", choices=list(VARIANTS), default=None,
+                        help="train an ablation variant (ablation.variants: " + ", ".join(
+                            f"{k} = {v}" for k, v in VARIANTS.items()) + ") instead of the main model; its "
+                        "files go to models/ablation/<variant>/ and reports/ablation/<variant>/")
+
+
+def variant_path(path: str | Path, variant: str | None) -> Path:
+    """Where a variant keeps a stage's file: models/model.pt -> models/ablation/<variant>/model.pt."""
+    path = Path(path)
+    return path if variant is None else path.parent / "ablation" / variant / path.name
 
 
 @contextmanager

@@ -5,13 +5,17 @@ gallery is embedded with F, the LR probes are recovered at the chosen scale and
 embedded; CMC rank-1/5/10 and mAP (Market-1501 protocol, Euclidean distance)
 are averaged over the draws (mean and standard deviation). Every row of PRI
 Table 2 (fixed x1..xN, size-based, ideal, adaptive) and the bicubic + F
-baseline come from one pass of the model (components/evaluation.py).
+baseline come from one pass of the model (components/evaluation.py). Each
+ablation variant trained beside it (ablation.variants) adds its row under the
+same protocol: "FFSR + RIFE" (the FFSR paper's model) and "RIFE as F + PRI"
+(PRI with RIFE as its re-id module, adaptive scale).
 
-Inputs:  data/split/split.parquet, models/model.pt, reports/plots/r_p_history.csv (train)
+Inputs:  data/split/split.parquet, models/model.pt, models/ablation/<variant>/model.pt,
+         reports/plots/r_p_history.csv (train)
 Outputs: reports/evaluate.json (DVC metrics: the evaluate.predictor row),
          reports/ablation.{md,json}, reports/plots/{cmc,scale_histogram}.csv (DVC plots),
          reports/figures/*.png; an MLflow run with all of them
-Params:  evaluate.*, model.*, degrade.hr_height
+Params:  evaluate.*, model.*, ablation.variants, degrade.hr_height / hr_width
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.common import REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from
+from pipelines.common import REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from, variant_path
 from pipelines.train import OUT as MODEL
 
 log = logging.getLogger("lrreid")
@@ -32,6 +36,7 @@ log = logging.getLogger("lrreid")
 FIGURES = Path(REPORTS) / "figures"
 PLOTS = Path(REPORTS) / "plots"
 HEADLINE = {"adaptive": "Adaptive (PRI)", "size_based": "Size-based", "ideal": "Ideal", "fixed": "Fixed x1"}
+VARIANT_ROWS = {"ffsr_rife": "FFSR + RIFE", "rife_pri": "RIFE as F + PRI"}  # ablation variant -> table row
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,30 +50,26 @@ def run(args: argparse.Namespace) -> None:
 
     from components.data import table as T
     from components.evaluation import embed_test_set, load_test_set, score
-    from components.models.pri import build_pri
-    from components.training import load_weights_file
     from pipelines import tracking
 
     params = params_from(args)
     e = params.evaluate
-    split_file, model_file = Path(args.split) / "split.parquet", Path(args.model)
-    if not model_file.exists():
-        raise StageError(f"{model_file} does not exist: train a model first (`dvc repro train`)")
-    state, meta = load_weights_file(model_file)
-    if meta.get("model", "pri") != "pri":
-        raise StageError(f"{model_file} holds a {meta.get('model')!r} model; the evaluate stage scores PRI models "
-                         "(train.model: pri)")
-    pri = build_pri(params.model, int(meta["num_classes"]), with_predictor=True)
-    missing, unexpected = pri.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise StageError(f"{model_file} does not fit params.yaml's model section (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}): evaluate with the params it was trained with")
+    if params.train.model != "pri":
+        raise StageError(f"train.model = {params.train.model!r}: the evaluate stage's main model is PRI "
+                         "(train.model: pri); FFSR + RIFE gets its row through ablation.variants: [ffsr_rife]")
+    split_file = Path(args.split) / "split.parquet"
+    pri, meta = load_trained(params, Path(args.model))
+    variants = {v: load_trained(params.for_variant(v), variant_path(args.model, v), v)[0]
+                for v in params.ablation.variants}  # every model loads before the long embedding passes
     test = load_test_set(T.read_table(split_file, T.SPLIT_SCHEMA), e.repeats, source=str(split_file))
     device = "cuda" if params.train.use_gpu and torch.cuda.is_available() else "cpu"
     log.info("evaluate: %d probes, %d gallery draws of %d images", test.query.num_rows, len(test.draws),
              len(test.draws[0]))
     emb = embed_test_set(pri, test, batch_size=e.batch_size, device=device, progress=not args.no_progress)
     rows = score(pri, emb, test, hr_height=params.degrade.hr_height, max_rank=e.max_rank)
+    for variant, model in variants.items():
+        rows[VARIANT_ROWS[variant]] = score_variant(params.for_variant(variant), variant, model, test, device,
+                                                    progress=not args.no_progress)
 
     headline = rows[HEADLINE[e.predictor]]
     sections = params.model_dump(mode="json")
@@ -96,6 +97,46 @@ def run(args: argparse.Namespace) -> None:
     log.info("%s: rank-1 %.1f%% +- %.1f, mAP %.1f%% +- %.1f over %d draws (MLflow run %s)", HEADLINE[e.predictor],
              headline["rank1"], headline["rank1_std"], headline["mAP"], headline["mAP_std"], headline["repeats"],
              run_id)
+
+
+def load_trained(params, model_file: Path, variant: str | None = None):
+    """The trained model in ``model_file`` built from ``params`` (a PRI, or an FFSRRIFE), and its meta."""
+    from components.models.ffsr_rife import FFSRRIFE
+    from components.models.pri import build_pri
+    from components.training import load_weights_file
+
+    remedy = f"`dvc repro train_variant@{variant}`" if variant else "`dvc repro train`"
+    if not model_file.exists():
+        raise StageError(f"{model_file} does not exist: train it first ({remedy})"
+                         + (f" or remove {variant!r} from ablation.variants" if variant else ""))
+    state, meta = load_weights_file(model_file)
+    kind = params.train.model
+    if meta.get("model", "pri") != kind:
+        raise StageError(f"{model_file} holds a {meta.get('model')!r} model, expected {kind!r}"
+                         + ("" if variant else "; the evaluate stage's main model is PRI (train.model: pri)"))
+    num_classes = int(meta["num_classes"])
+    model = build_pri(params.model, num_classes, with_predictor=True) if kind == "pri" else \
+        FFSRRIFE(params.model, num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StageError(f"{model_file} does not fit params.yaml's model section (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): retrain it ({remedy}) or evaluate with the params it was "
+                         "trained with")
+    return model.eval(), meta
+
+
+def score_variant(vparams, variant: str, model, test, device, progress: bool) -> dict:
+    """The table row of ablation variant ``variant`` (``model`` trained by train_variant@<variant>)."""
+    from components.evaluation import embed_ffsr_rife, embed_test_set, score, score_features
+
+    e, d = vparams.evaluate, vparams.degrade
+    log.info("evaluate: variant %s (%s)", variant, VARIANT_ROWS[variant])
+    if vparams.train.model == "ffsr_rife":
+        probe, gallery = embed_ffsr_rife(model.ffsr, model.rife, test, hr_size=(d.hr_height, d.hr_width),
+                                         batch_size=e.batch_size, device=device, progress=progress)
+        return score_features(probe, gallery, test, max_rank=e.max_rank)
+    emb = embed_test_set(model, test, batch_size=e.batch_size, device=device, progress=progress)
+    return score(model, emb, test, hr_height=d.hr_height, max_rank=e.max_rank)[HEADLINE["adaptive"]]
 
 
 def _key(name: str) -> str:

@@ -34,20 +34,53 @@ log = logging.getLogger("lrreid")
 
 # ---------------------------------------------------------------------- driver side
 def connect(params: Params) -> None:
-    """Join RAY_ADDRESS / train.ray_address, or start a local Ray."""
+    """Join RAY_ADDRESS / train.ray_address, or start a local Ray.
+
+    The state API address (which Train V2's placement-group cleaner uses) is pinned
+    to this instance: with two Ray instances on one machine (two pipelines, a test
+    run beside a `dvc repro`) its auto-detection fails, and a stopped run's workers
+    would then keep their CPUs.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or params.train.ray_address
     if address:
+        check_reachable(address)
         log.info("joining the Ray cluster at %s", address)
+        env = {} if address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
+        os.environ.setdefault("RAY_ADDRESS", address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=env or None)
         except (ConnectionError, RuntimeError) as exc:
             raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer: {exc}") from None
     else:  # "local": always a fresh local instance, never some other Ray running on this machine
-        ray.init(address="local", log_to_driver=True)  # with the dashboard: Train V2 polls the state API
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", log_to_driver=True, dashboard_port=port)  # Train V2 polls the state API
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the address, when a cluster's GCS does not accept connections."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer within "
+                         f"{timeout:g} s ({exc}); start it with `ray start --head` or fix the address") from None
 
 
 def check_resources(params: Params) -> None:
@@ -70,9 +103,15 @@ def check_resources(params: Params) -> None:
         )
 
 
-def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Table, run_id: str,
-        init_state: dict | None = None, naive_labels: bool | None = None):
-    """Run the TorchTrainer for one phase; returns (final training state dict, last metrics)."""
+def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Table, run_id: str | None,
+        init_state: dict | None = None, naive_labels: bool | None = None, callbacks: list | None = None,
+        validation: pa.Table | None = None, epoch_offset: int = 0, storage_path: str | None = None):
+    """Run the TorchTrainer for one phase; returns (final training state dict, last metrics).
+
+    ``run_id``: the MLflow run the epochs are logged to (None: not logged here, e.g. a
+    Tune trial, whose driver logs). ``validation``: a split table whose query / gallery
+    rows are scored on rank 0 after every epoch (val_rank1, val_mAP). ``epoch_offset``
+    is added to ``epochs_done`` (a search's clock across pretrain and joint)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -82,7 +121,8 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
     connect(params)
     check_resources(params)
     t = params.train
-    storage = t.storage_path if "://" in t.storage_path else str(Path(t.storage_path).resolve())
+    storage_path = storage_path or t.storage_path
+    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     config = {
         "params": params.model_dump(mode="json"),
         "phase": phase,
@@ -90,7 +130,12 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
         "pairs": ray.put(pairs),
         "init_state": ray.put(init_state) if init_state is not None else None,
         "naive_labels": (t.label_refresh == "naive") if naive_labels is None else naive_labels,
+        "validation": ray.put(validation) if validation is not None else None,
+        "epoch_offset": epoch_offset,
     }
+    callbacks = list(callbacks or [])
+    if run_id is not None:
+        callbacks.append(make_train_callback(run_id, tracking_uri()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -102,7 +147,7 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
             name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[make_train_callback(run_id, tracking_uri())],
+            callbacks=callbacks,
         ),
     )
     log.info("%s: %d worker(s), storage %s/%s", phase, t.num_workers, storage, name)
@@ -116,7 +161,8 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
         raise StageError(f"{phase} finished without a checkpoint in {storage}/{name}")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    backfill_history(run_id, state["extra"].get("history", []))
+    if run_id is not None:
+        backfill_history(run_id, state["extra"].get("history", []))
     return state, metrics
 
 
@@ -133,18 +179,6 @@ def backfill_history(run_id: str, history: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------- worker side
-class FFSRRIFE(torch.nn.Module):
-    """The FFSR paper's model: FFSR then RIFE, trained in three steps through the same driver."""
-
-    def __init__(self, m, num_classes: int):
-        super().__init__()
-        from components.models.ffsr import build_ffsr
-        from components.models.rife import build_rife
-
-        self.ffsr = build_ffsr(m.ffsr)
-        self.rife = build_rife(m, num_classes)
-
-
 def ffsr_rife_step(phase: str, epoch: int, params: Params) -> str:
     """pretrain = step 1 (FFSR, L^FFSR) for T1 epochs, then step 2 (RIFE, L^RIFE) for T1 epochs; train = step 3 (joint)."""
     if phase == "joint":
@@ -167,6 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from components.data.dataset import make_train_loader
+    from components.models.ffsr_rife import FFSRRIFE
     from components.models.pri import build_pri
     from components.soft_label import LabelBank
     from components.training import (NonFiniteLossError, TrainingState, build_optimizer, refresh_label_bank,
@@ -213,6 +248,11 @@ def train_loop_per_worker(config: dict) -> None:
             log.info("[%s] resuming after epoch %d", phase, state.epoch + 1)
     precision = resolve_precision(device, t.precision)
     epochs = phase_epochs(params, phase)
+    validation = None
+    if config.get("validation") is not None and rank == 0:
+        from components.evaluation import load_test_set
+
+        validation = load_test_set(ray.get(config["validation"]), 1, source="the validation hold-out")
     for epoch in range(state.epoch + 1, epochs):
         start = time.perf_counter()
         extra = {}
@@ -232,8 +272,13 @@ def train_loop_per_worker(config: dict) -> None:
         except NonFiniteLossError as exc:  # stop now: a retry from the checkpoint would fail the same way
             ray.train.report({"epoch": epoch, "nonfinite": 1.0, "error": str(exc)})
             return
-        metrics.update(extra, epoch=epoch, epoch_seconds=time.perf_counter() - start,
+        metrics.update(extra, epoch=epoch, epochs_done=config.get("epoch_offset", 0) + epoch + 1,
+                       epoch_seconds=time.perf_counter() - start,
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+        if validation is not None and pri:  # rank 0 only: the others wait at the next step's all-reduce
+            from components.evaluation import validate
+
+            metrics.update(validate(unwrap(model), validation, hr_height=params.degrade.hr_height, device=device))
         if bank is not None:
             metrics["label_bank_entropy"] = bank.entropy()
             metrics.update(tracked_scales(model, dataset, bank, t.track_images, device=device, precision=precision))
@@ -291,8 +336,9 @@ def code_md5() -> str:
 
 
 def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report: Path,
-              init: Path | None = None) -> dict:
-    """Train one phase end to end: MLflow run, Ray Train fit, final weights + metrics JSON (the DVC outs)."""
+              init: Path | None = None, variant: str | None = None) -> dict:
+    """Train one phase end to end: MLflow run, Ray Train fit, final weights + metrics JSON (the DVC outs).
+    ``variant``: an ablation variant (params already carry its overrides; only tags and the r_p plot differ)."""
     import pyarrow.compute as pc
 
     from components.data import table as T
@@ -312,8 +358,9 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
     sections = params.model_dump(mode="json")
     key = {k: sections[k] for k in ("model", "loss", "train")} | {"phase": phase, "inputs": inputs}
     name = f"{phase}-{tracking.params_hash(key)}"
-    run_id = tracking.start_run(phase, sections, Path(".lrreid") / "runs" / f"{name}.mlflow_run_id",
-                                tags={"stage": phase, "ray_run": name, "model": params.train.model})
+    tags = {"stage": phase, "ray_run": name, "model": params.train.model, "variant": variant or "main"}
+    run_id = tracking.start_run(phase if variant is None else f"{phase}-{variant}", sections,
+                                Path(".lrreid") / "runs" / f"{name}.mlflow_run_id", tags=tags)
     started = time.perf_counter()
     try:
         state, metrics = fit(params, phase=phase, name=name, table=table, pairs=pairs, run_id=run_id,
@@ -322,9 +369,9 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
         tracking.end_run(run_id, "FAILED")
         raise
     meta = {"phase": phase, "model": params.train.model, "num_classes": int(len(set(table[T.PERSON_ID].to_pylist()))),
-            "epochs": int(state["epoch"]) + 1, "mlflow_run_id": run_id, "ray_run": name}
+            "epochs": int(state["epoch"]) + 1, "mlflow_run_id": run_id, "ray_run": name, "variant": variant or ""}
     save_weights_dict(state["model"], out, meta)
-    if phase == "joint" and params.train.model == "pri":
+    if phase == "joint" and params.train.model == "pri" and variant is None:  # the main model's Fig. 3
         write_r_p_history(state["extra"].get("history", []), Path(report).parent / "plots" / "r_p_history.csv")
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     summary["wall_seconds"] = time.perf_counter() - started

@@ -6,7 +6,9 @@ overrides it (e.g. a tracking server on a cluster).
 
 Only the driver side writes: the stage process (params, tags, final metrics,
 artifacts) and :class:`MLflowTrainCallback`, a Ray Train ``UserCallback`` that
-runs in the Train controller on the driver's node and logs each reported epoch.
+runs in the Train controller on the driver's node and logs each reported epoch;
+in a search (`lrreid tune`), a Tune callback in the search's driver logs every
+trial to a child run of the search's parent run.
 Workers never touch the store, so a multi-node run needs no shared tracking
 store. A stage that resumes after a crash re-opens the same MLflow run (its id
 is kept next to the Ray checkpoints) and never logs an epoch twice.
@@ -147,6 +149,87 @@ def make_train_callback(run_id: str, uri: str):
             self.seen.add(epoch)
 
     return MLflowTrainCallback()
+
+
+def make_tune_callback(parent_run_id: str, max_epochs: int):
+    """A Ray Tune callback (runs in the search's driver): one MLflow child run per trial
+    under ``parent_run_id`` (tag ``mlflow.parentRunId``) with the trial's params and its
+    per-epoch metrics (step = epochs_done), tagged ``stopped_early`` / FAILED at the end.
+    A resumed search finds each trial's run again (state, or its ``trial_id`` tag) and
+    never logs an epoch twice."""
+    from ray import tune
+
+    uri = tracking_uri()
+
+    class MLflowTrialRuns(tune.Callback):
+        def __init__(self):
+            self.parent, self.uri, self.max_epochs = parent_run_id, uri, max_epochs
+            self.runs: dict[str, str] = {}  # trial_id -> run_id (saved with the search's state)
+            self.seen: dict[str, set[int]] = {}
+
+        def _client(self):
+            from mlflow import MlflowClient
+
+            return MlflowClient(tracking_uri=self.uri)
+
+        def _run(self, trial) -> str:
+            from mlflow.entities import Param
+            from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+            tid = trial.trial_id
+            if tid not in self.runs:
+                c = self._client()
+                exp_id = c.get_run(self.parent).info.experiment_id
+                found = c.search_runs([exp_id], filter_string=f"tags.trial_id = '{tid}' and "
+                                      f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}'")
+                if found:
+                    self.runs[tid] = found[0].info.run_id
+                else:
+                    run = c.create_run(exp_id, run_name=f"trial-{tid}", tags={
+                        MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": tid, "stage": "tune-trial"})
+                    c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(trial.config.items())])
+                    self.runs[tid] = run.info.run_id
+            return self.runs[tid]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._client().update_run(self._run(trial), status="RUNNING")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run_id = self._run(trial)
+            os.environ["MLFLOW_TRACKING_URI"] = self.uri
+            if run_id not in self.seen:
+                self.seen[run_id] = logged_epochs(run_id, "epochs_done")
+            step = int(result.get("epochs_done", -1))
+            if step in self.seen[run_id]:
+                return
+            keep = {k: v for k, v in result.items() if k in TRIAL_METRICS or k.startswith(("L", "val_"))}
+            log_metrics(run_id, keep, step=step)
+            self.seen[run_id].add(step)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            run_id = self._run(trial)
+            done = int((trial.last_result or {}).get("epochs_done", 0))
+            c = self._client()
+            c.set_tag(run_id, "epochs_done", str(done))
+            c.set_tag(run_id, "stopped_early", str(done < self.max_epochs).lower())
+            c.set_terminated(run_id, status="FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run_id = self._run(trial)
+            c = self._client()
+            c.set_tag(run_id, "error", str(getattr(trial, "error_file", "") or ""))
+            c.set_terminated(run_id, status="FAILED")
+
+        def get_state(self):
+            return {"runs": dict(self.runs)}
+
+        def set_state(self, state):
+            self.runs = dict(state.get("runs", {}))
+
+    return MLflowTrialRuns()
+
+
+TRIAL_METRICS = ("epochs_done", "epoch", "samples_per_s", "epoch_seconds", "peak_rss_mb", "label_bank_entropy")
 
 
 # ---------------------------------------------------------------------- the model registry

@@ -56,3 +56,20 @@ def tiny_triplet_batch(n_ids=4, per_cam=2, P=4, K=2, seed=0):
     res = split_identities(deg, n_test=1, repeats=1, seed=seed)
     loader = make_train_loader(res.table, res.pairs, scales=[1, 2, 3, 4], P=P, K=K, flip_p=0.5, seed=seed)
     return next(iter(loader)), loader.dataset.num_classes
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    """A tiny MLR split written like the split stage writes it (12 identities, 2 of them test)."""
+    from components.config import DegradeParams
+    from components.data import table as T
+    from components.data.protocols import degrade
+    from components.data.splits import split_identities
+
+    d = tmp_path_factory.mktemp("split")
+    canonical = make_canonical(n_ids=12, per_cam=3, size=(32, 16))
+    deg = degrade(canonical, DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]), progress=False).table
+    res = split_identities(deg, n_test=2, repeats=1, seed=0)
+    T.write_table(res.table, d / "split.parquet", T.SPLIT_SCHEMA)
+    T.write_table(res.pairs, d / "pairs.parquet", T.PAIRS_SCHEMA)
+    return d

@@ -26,6 +26,8 @@ def test_repository_params_are_valid():
         ({"data": {"layout": "imagenet"}}, "data.layout = 'imagenet'", "market1501"),
         ({"data": {"synthetic": {"identities": "many"}}}, "data.synthetic.identities = 'many'", "integer"),
         ({"degrade": {"width_range": [32, 8]}}, "degrade.width_range = [32, 8]", "lo < hi"),
+        ({"ablation": {"variants": ["srgan"]}}, "ablation.variants", "ffsr_rife"),
+        ({"ablation": {"variants": ["rife_pri", "rife_pri"]}}, "ablation.variants", "each variant once"),
     ],
 )
 def test_bad_values_give_one_line(raw, key, fragment):
@@ -67,3 +69,17 @@ def test_paper_preset_applies_the_papers_sizes():
     assert load_params("params.yaml").model.backbone == "resnet18"  # the default stays the CPU one
     with pytest.raises(ParamsError, match="known presets: paper"):
         load_params("params.yaml", preset="huge")
+
+
+def test_ablation_variants_override_only_their_keys():
+    from components.config import VARIANTS
+
+    p = validate_params({"train": {"epochs": 3}, "model": {"gamma": 3}})
+    ffsr = p.for_variant("ffsr_rife")
+    assert ffsr.train.model == "ffsr_rife" and ffsr.train.epochs == 3 and ffsr.model == p.model
+    rife = p.for_variant("rife_pri")
+    assert rife.model.reid == "rife" and rife.model.gamma == 3 and rife.train == p.train
+    assert p.for_variant(None) is p and p.train.model == "pri"  # the main params are not touched
+    assert set(load_params("params.yaml").ablation.variants) == set(VARIANTS)  # the default trains both
+    with pytest.raises(ParamsError, match="known variants: ffsr_rife, rife_pri"):
+        p.for_variant("srgan")

@@ -88,7 +88,8 @@ def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = validate_params({"model": tiny_model_params(scales=[1, 2, 4]).model_dump(mode="json"),
                               "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
-                              "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 2}})
+                              "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 2},
+                              "ablation": {"variants": []}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
     (tmp_path / "data" / "split").mkdir(parents=True)
     T.write_table(split_table, tmp_path / "data" / "split" / "split.parquet", T.SPLIT_SCHEMA)
@@ -114,6 +115,48 @@ def test_evaluate_stage_errors(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("{}\n")
     assert main(["evaluate", "--no-progress"]) == 2  # no model: a one-line error, exit 2
+
+
+def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monkeypatch, capsys):
+    """ablation.variants: FFSR + RIFE and RIFE as F + PRI scored from models/ablation/<variant>/model.pt."""
+    from components.models.ffsr_rife import FFSRRIFE
+    from components.models.pri import build_pri
+    from components.training import save_weights_dict
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = tiny_model_params(scales=[1, 2, 4], rife={"backbone": "resnet18", "feature_dim": 16, "weight_hidden": 4},
+                              ffsr={"channels": 4})
+    params = validate_params({"model": model.model_dump(mode="json"),
+                              "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
+                              "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 0}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    (tmp_path / "data" / "split").mkdir(parents=True)
+    T.write_table(split_table, tmp_path / "data" / "split" / "split.parquet", T.SPLIT_SCHEMA)
+    meta = {"phase": "joint", "model": "pri", "num_classes": 5, "mlflow_run_id": "x"}
+    save_weights_dict(pri.state_dict(), tmp_path / "models" / "model.pt", meta)
+    save_weights_dict(FFSRRIFE(params.for_variant("ffsr_rife").model, 5).state_dict(),
+                      tmp_path / "models" / "ablation" / "ffsr_rife" / "model.pt", {**meta, "model": "ffsr_rife"})
+    assert main(["evaluate", "--no-progress"]) == 2  # rife_pri not trained yet: named, with the fix
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "models/ablation/rife_pri/model.pt does not exist" in err and "train_variant@rife_pri" in err
+    assert not (tmp_path / "reports" / "ablation.md").exists()
+    save_weights_dict(build_pri(params.for_variant("rife_pri").model, 5).state_dict(),
+                      tmp_path / "models" / "ablation" / "rife_pri" / "model.pt", meta)
+    assert main(["evaluate", "--no-progress"]) == 0
+    table = json.loads((tmp_path / "reports" / "ablation.json").read_text())
+    assert {"FFSR + RIFE", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F"} <= set(table)
+    for name in ("FFSR + RIFE", "RIFE as F + PRI"):
+        assert table[name]["repeats"] == 2 and 0 <= table[name]["rank1"] <= 100
+    assert table["RIFE as F + PRI"]["rank1"] != table["Adaptive (PRI)"]["rank1"] or \
+        table["RIFE as F + PRI"]["mAP"] != table["Adaptive (PRI)"]["mAP"]  # another F, other features
+    md = (tmp_path / "reports" / "ablation.md").read_text()
+    assert md.index("| Bicubic + F |") < md.index("| FFSR + RIFE |") < md.index("| RIFE as F + PRI |")
+    # a variant file holding the wrong kind of model is named
+    save_weights_dict(pri.state_dict(), tmp_path / "models" / "ablation" / "ffsr_rife" / "model.pt", meta)
+    assert main(["evaluate", "--no-progress"]) == 2
+    assert "holds a 'pri' model, expected 'ffsr_rife'" in capsys.readouterr().err
 
 
 def test_ffsr_rife_rows_use_the_same_protocol(split_table):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["components", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore"]
+PROJECT_FILES = ["components", "pipelines", "dvc.yaml", "params.yaml", ".dvcignore", "models/ablation/README.md"]
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,7 @@ def _init_repo(path: Path, params_update: dict | None = None) -> Path:
         if src.is_dir():
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, path / name)
     params = yaml.safe_load((path / "params.yaml").read_text())
     for dotted, value in (params_update or {}).items():
@@ -160,3 +161,29 @@ def test_default_dataset_matches_committed_data_dvc(tmp_path):
     fresh = yaml.safe_load((path / "data" / "raw.dvc").read_text())["outs"][0]
     assert (fresh["md5"], fresh["size"], fresh["nfiles"]) == (
         committed["md5"], committed["size"], committed["nfiles"])
+
+
+def _edges(path: Path) -> set[tuple[str, str]]:
+    dot = sh(["dvc", "dag", "--dot"], path).stdout
+    return {tuple(part.strip().strip(';"') for part in line.split("->")) for line in dot.splitlines() if "->" in line}
+
+
+def test_ablation_variants_are_stages_that_feed_evaluate(tmp_path):
+    """ablation.variants expands into pretrain_variant@V -> train_variant@V -> evaluate; [] leaves none."""
+    path = _init_repo(tmp_path / "variants")
+    edges = _edges(path)
+    for v in ("ffsr_rife", "rife_pri"):
+        assert ("split", f"pretrain_variant@{v}") in edges
+        assert (f"pretrain_variant@{v}", f"train_variant@{v}") in edges
+        assert (f"train_variant@{v}", "evaluate") in edges
+    assert ("evaluate", "register") in edges
+    names = sh(["dvc", "stage", "list", "--name-only"], path).stdout.split()
+    assert "train_variant@ffsr_rife" in names and "train_variant@rife_pri" in names
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["ablation"]["variants"] = []
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edges = _edges(path)
+    assert not any("variant" in a or "variant" in b for a, b in edges)
+    assert ("train", "evaluate") in edges
+    status = sh(["dvc", "status", "evaluate"], path).stdout  # models/ablation/ is in git: never a missing dependency
+    assert "evaluate" in status and "deleted:            models/ablation\n" not in status + "\n"

@@ -44,23 +44,6 @@ def tiny_params(storage: Path, **train):
     return validate_params({"model": m, "train": t})
 
 
-@pytest.fixture(scope="module")
-def split_dir(tmp_path_factory):
-    """A tiny MLR split written like the split stage writes it."""
-    from components.config import DegradeParams
-    from components.data.protocols import degrade
-    from components.data.splits import split_identities
-    from tests.conftest import make_canonical
-
-    d = tmp_path_factory.mktemp("split")
-    canonical = make_canonical(n_ids=12, per_cam=3, size=(32, 16))
-    deg = degrade(canonical, DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]), progress=False).table
-    res = split_identities(deg, n_test=2, repeats=1, seed=0)
-    T.write_table(res.table, d / "split.parquet", T.SPLIT_SCHEMA)
-    T.write_table(res.pairs, d / "pairs.parquet", T.PAIRS_SCHEMA)
-    return d
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

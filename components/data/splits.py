@@ -155,3 +155,20 @@ def evaluation_set(table: pa.Table, repeat: int) -> tuple[pa.Table, pa.Table]:
         draws = sorted(set(table.filter(pc.equal(table[T.SPLIT], "gallery"))[T.REPEAT].to_pylist()))
         raise SplitError(f"repeat {repeat} has no gallery; this split has draws {draws}")
     return query, gallery
+
+
+def hold_out_validation(split: pa.Table, *, n_val: int, seed: int) -> SplitResult:
+    """Hold ``n_val`` training identities out of a split table for validation (hyperparameter search).
+
+    The training rows are split again like :func:`split_identities` with one gallery
+    draw: the result's ``train`` rows and pairs are what is left to train on, its
+    ``query`` / ``gallery`` rows the validation probes and gallery. The test
+    identities of ``split`` are never touched (they are not in the result).
+    """
+    train = split.filter(pc.equal(split[T.SPLIT], "train")).drop_columns([T.SPLIT, T.REPEAT])
+    n_ids = len(set(train[T.PERSON_ID].to_pylist()))
+    if n_val < 1 or n_val > n_ids - 2:
+        raise SplitError(f"tune.val_identities = {n_val} is not allowed: the split has {n_ids} training "
+                         f"identities; hold out between 1 and {n_ids - 2} (some must stay for training)")
+    return split_identities(train, n_test=n_val, repeats=1, seed=seed)
+

@@ -1,0 +1,302 @@
+"""Hyperparameter search on Ray Tune: each trial runs the training driver, ASHA on validation rank-1.
+
+`tune.val_identities` training identities are held out of the split as a
+validation set (probes: their LR images; gallery: one HR image each; never a
+test identity). Each of `tune.num_samples` trials draws a point of `tune.space`
+and is a Tune function that builds and fits the project's TorchTrainer
+(pipelines/ray_train.fit); after every epoch rank 0 scores the validation set
+(adaptive r_p) and TuneReportCallback hands the metrics to Tune, where ASHA
+(time = epochs_done) stops the worst trials early. A trial that crashes is
+reported and the others go on.
+
+tune.pretrain = shared: the search pretrains once with the base params on the
+remaining training identities; every trial starts its joint training
+(tune.epochs epochs) from there. per_trial: each trial first pretrains with its
+own config (train.pretrain_epochs, also counted by ASHA).
+
+Inputs:  data/split/{split,pairs}.parquet
+Outputs: reports/tune.json (every trial, the best config), reports/tune.png;
+         MLflow: a parent run and one child run per trial (tag mlflow.parentRunId);
+         Ray: <train.storage_path>/<tune.name>/ (the search) and <tune.name>-train/ (trials)
+Params:  tune.*; model / loss / train are every trial's base
+--resume continues an interrupted search (finished trials are not re-run);
+--apply writes the best trial's searched keys into params.yaml (then `dvc repro`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from components.config import Params, merge, validate_params
+from pipelines.common import REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from
+
+log = logging.getLogger("lrreid")
+
+REPORT = Path(REPORTS) / "tune.json"
+FIGURE = Path(REPORTS) / "tune.png"
+METRIC = "val_rank1"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_params_arg(parser)
+    parser.add_argument("--split", default=SPLIT_DIR, help=f"split folder (default: {SPLIT_DIR})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the interrupted search named tune.name")
+    mode.add_argument("--apply", action="store_true",
+                      help=f"write the best config of the finished search ({REPORT}) into the params file")
+
+
+def run(args: argparse.Namespace) -> None:
+    params = params_from(args)
+    if args.apply:
+        apply_best(Path(args.params), params)
+        return
+    search(params, Path(args.split), resume=args.resume)
+
+
+# ---------------------------------------------------------------------- the search space
+def nested(flat: dict) -> dict:
+    """{"model.gamma": 3} -> {"model": {"gamma": 3}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def trial_params(base: dict, config: dict) -> Params:
+    """A trial's params: the base with the trial's point of the space (validated)."""
+    return validate_params(merge(base, nested(config)), "a trial's params")
+
+
+def param_space(space: dict[str, dict]) -> dict:
+    """tune.space -> Tune samplers (a grid is crossed with everything and run num_samples times)."""
+    from ray import tune
+
+    out = {}
+    for key, spec in space.items():
+        kind, values = next(iter(spec.items()))
+        out[key] = {"choice": lambda v: tune.choice(list(v)), "grid": lambda v: tune.grid_search(list(v)),
+                    "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}[kind](values)
+    return out
+
+
+def max_epochs(params: Params) -> int:
+    """The epochs of a trial that ASHA never stops (its max_t)."""
+    t = params.tune
+    return t.epochs + (params.train.pretrain_epochs if t.pretrain == "per_trial" else 0)
+
+
+# ---------------------------------------------------------------------- one trial (in a Tune actor)
+def run_trial(config: dict, *, base: dict, table, pairs, validation, init_state, storage: str) -> None:
+    """Pretrain (per_trial) and joint-train one point of the space; every epoch goes to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.ray_train import fit
+
+    params = trial_params(base, config)
+    trial_id = tune.get_context().get_trial_id()
+    offset = 0
+    if params.tune.pretrain == "per_trial":
+        state, _ = fit(params, phase="pretrain", name=f"{trial_id}-pretrain", table=table, pairs=pairs, run_id=None,
+                       callbacks=[TuneReportCallback()], validation=validation, storage_path=storage)
+        init_state, offset = state["model"], params.train.pretrain_epochs
+    fit(params, phase="joint", name=f"{trial_id}-joint", table=table, pairs=pairs, run_id=None,
+        init_state=init_state, callbacks=[TuneReportCallback()], validation=validation, epoch_offset=offset,
+        storage_path=storage)
+
+
+# ---------------------------------------------------------------------- the search (driver)
+def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
+    import pyarrow.compute as pc
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from components.data import table as T
+    from components.data.splits import hold_out_validation
+    from components.fsutil import write_json
+    from pipelines import tracking
+    from pipelines.ray_train import check_resources, connect, fit
+
+    t = params.tune
+    if params.train.model != "pri":
+        raise StageError(f"train.model = {params.train.model!r}: the search tunes PRI (train.model: pri); its "
+                         "validation metric is the adaptive rank-1")
+    split = T.read_table(split_dir / "split.parquet", T.SPLIT_SCHEMA)
+    held = hold_out_validation(split, n_val=t.val_identities, seed=t.seed)
+    is_train = pc.equal(held.table[T.SPLIT], "train")
+    train_rows, validation = held.table.filter(is_train), held.table.filter(pc.invert(is_train))
+    storage_path = params.train.storage_path
+    root = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    path = f"{root}/{t.name}"
+    if resume and not tune.Tuner.can_restore(path):
+        raise StageError(f"no search to resume at {path}; start one with `lrreid tune`")
+    if not resume and tune.Tuner.can_restore(path):
+        raise StageError(f"a search named {t.name!r} exists at {path}: continue it with `lrreid tune --resume`, "
+                         "or set another tune.name (or delete that folder)")
+    connect(params)
+    check_resources(params)  # workers of one trial must fit a node: fail now, not hang
+    # the trials' base: joint epochs = tune.epochs; no tracked images (the search logs the metric only)
+    base = merge(params.model_dump(mode="json"), {"train": {"epochs": t.epochs, "track_images": 0}})
+    sections = params.model_dump(mode="json")
+    parent = tracking.start_run("tune", sections, Path(".lrreid") / "runs" /
+                                f"tune-{t.name}-{tracking.params_hash(sections)}.mlflow_run_id",
+                                tags={"stage": "tune", "search_path": path})
+    started = time.perf_counter()
+    try:
+        init_state = None
+        if t.pretrain == "shared":  # once, on the identities left after the hold-out
+            state, _ = fit(validate_params(base), phase="pretrain", name="shared-pretrain", table=train_rows,
+                           pairs=held.pairs, run_id=parent, validation=validation, storage_path=f"{path}-train")
+            init_state = state["model"]
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base, table=train_rows, pairs=held.pairs, validation=validation,
+                                 init_state=init_state, storage=f"{path}-train"),
+            {"cpu": 0.01})  # the trial only drives its TorchTrainer; the workers bring their own resources
+        if resume:
+            log.info("resuming the search at %s", path)
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(t.space),
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode="max", num_samples=t.num_samples,
+                    scheduler=ASHAScheduler(time_attr="epochs_done", max_t=max_epochs(params),
+                                            grace_period=t.grace_period, reduction_factor=t.reduction_factor,
+                                            stop_last_trials=False),
+                    search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent_trials, random_state=t.seed)),
+                run_config=tune.RunConfig(
+                    name=t.name, storage_path=root, verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    callbacks=[tracking.make_tune_callback(parent, max_epochs(params))]),
+            )
+        grid = tuner.fit()
+        if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved the state and returned
+            log.warning("search interrupted: %d of %d trials finished; continue with `lrreid tune --resume`",
+                        grid.num_terminated + grid.num_errors, len(grid))
+            tracking.end_run(parent, "KILLED")
+            raise KeyboardInterrupt
+        report = summarize(grid, params, path, time.perf_counter() - started)
+        write_json(REPORT, report)
+        _log_search(parent, report, params)
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    best = report["best"]
+    log.info("best trial %s: %s = %.1f%% with %s; %d trial(s) failed, %d stopped early by ASHA (MLflow run %s). "
+             "`lrreid tune --apply` writes it into params.yaml", best["trial_id"], METRIC, best[METRIC],
+             best["config"], report["errors"], report["stopped_early"], parent)
+    return report
+
+
+def summarize(grid, params: Params, path: str, seconds: float) -> dict:
+    """reports/tune.json: every trial, the best one, ASHA's savings."""
+    import math
+
+    full = max_epochs(params)
+    trials = []
+    for r in grid:
+        m = r.metrics or {}
+        history = r.metrics_dataframe
+        best_val = float(history[METRIC].max()) if history is not None and METRIC in history else None
+        trials.append({
+            "trial_id": m.get("trial_id") or (r.path or "").rsplit("/", 1)[-1],
+            "config": dict(r.config),
+            METRIC: _finite(m.get(METRIC)), "val_mAP": _finite(m.get("val_mAP")),
+            "best_" + METRIC: _finite(best_val),
+            "epochs_done": int(m.get("epochs_done", 0)),
+            "status": "ERROR" if r.error is not None else "TERMINATED",
+            "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,
+        })
+    ok = [x for x in trials if x["status"] == "TERMINATED" and x[METRIC] is not None]
+    if not ok:
+        errors = "; ".join(f"{x['trial_id']}: {x['error']}" for x in trials if x["error"])
+        raise StageError(f"no trial of the search at {path} finished with a {METRIC}: {errors}")
+    best = max(ok, key=lambda x: x[METRIC])
+    run = sum(x["epochs_done"] for x in trials)
+    return {
+        "name": params.tune.name, "path": path, "metric": METRIC, "space": params.tune.space,
+        "num_trials": len(trials), "errors": sum(x["status"] == "ERROR" for x in trials),
+        "stopped_early": sum(x["status"] == "TERMINATED" and x["epochs_done"] < full for x in trials),
+        "trial_epochs": run, "trial_epochs_without_asha": full * len(trials),
+        "asha_saved": 1 - run / (full * len(trials)) if trials else 0.0,
+        "wall_seconds": seconds, "trials_per_hour": len(trials) / seconds * 3600 if seconds > 0 else math.nan,
+        "best": {"trial_id": best["trial_id"], "config": best["config"], METRIC: best[METRIC],
+                 "val_mAP": best["val_mAP"], "epochs_done": best["epochs_done"]},
+        "trials": trials,
+    }
+
+
+def _finite(v):
+    import math
+
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+
+
+def _log_search(parent: str, report: dict, params: Params) -> None:
+    """The parent run: best config (tags best.<key>), its metric, the table and the picture."""
+    from components import figures
+    from pipelines import tracking
+
+    keys = list(params.tune.space)
+    log_keys = [k for k, spec in params.tune.space.items() if "loguniform" in spec]
+    best_index = next(i for i, x in enumerate(report["trials"]) if x["trial_id"] == report["best"]["trial_id"])
+    figures.search_scatter(report["trials"], keys, FIGURE, metric=METRIC, log_keys=log_keys, best=best_index,
+                           title=f"lrreid tune {params.tune.name}")
+    c = tracking.client()
+    for key, value in report["best"]["config"].items():
+        c.set_tag(parent, f"best.{key}", str(value))
+    c.set_tag(parent, "best_trial", report["best"]["trial_id"])
+    tracking.log_metrics(parent, {"best_" + METRIC: report["best"][METRIC], "trials": report["num_trials"],
+                                  "errors": report["errors"], "stopped_early": report["stopped_early"],
+                                  "asha_saved": report["asha_saved"]}, step=0)
+    tracking.log_artifact(parent, REPORT)
+    tracking.log_artifact(parent, FIGURE, "figures")
+
+
+# ---------------------------------------------------------------------- --apply
+def apply_best(params_file: Path, params: Params) -> dict:
+    """Write the finished search's best values of the searched keys into ``params_file``
+    (comments and the rest of the file are kept); returns {key: (old, new)}."""
+    from ruamel.yaml import YAML
+
+    from components.fsutil import atomic_path
+
+    if not REPORT.exists():
+        raise StageError(f"{REPORT} does not exist: run the search first (`lrreid tune`)")
+    report = json.loads(REPORT.read_text())
+    if report.get("space") != params.tune.space:
+        raise StageError(f"{REPORT} is the result of another search space than tune.space in {params_file}; "
+                         "run the search again (`lrreid tune`, with a new tune.name)")
+    best = report["best"]["config"]
+    yaml = YAML()  # round-trip: comments, order and quoting are kept
+    yaml.preserve_quotes = True
+    doc = yaml.load(params_file.read_text())
+    changes = {}
+    for key, value in sorted(best.items()):
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        new = float(f"{value:.4g}") if isinstance(value, float) else value
+        changes[key] = (node.get(leaf), new)
+        node[leaf] = new
+    trial_params(params.model_dump(mode="json"), {k: v for k, (_, v) in changes.items()})  # still valid params
+    with atomic_path(params_file) as tmp, open(tmp, "w") as f:
+        yaml.dump(doc, f)
+    for key, (old, new) in changes.items():
+        log.info("%s: %s: %s -> %s", params_file, key, old, new)
+    log.info("applied trial %s (%s = %.1f%%); `dvc repro` (or `dvc exp run`) trains and registers it",
+             report["best"]["trial_id"], METRIC, report["best"][METRIC])
+    return changes
