@@ -50,7 +50,8 @@ def connect(params: Params) -> None:
         check_reachable(address)
         log.info("joining the Ray cluster at %s", address)
         env = {} if address.startswith("ray://") else {"env_vars": {"RAY_ADDRESS": address}}
-        os.environ.setdefault("RAY_ADDRESS", address)
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # a local Ray's pin from earlier in this process
+        os.environ.setdefault("RAY_ADDRESS", address)  # our state API calls and Train's cleaner: this cluster
         try:
             ray.init(address=address, log_to_driver=True, runtime_env=env or None)
         except (ConnectionError, RuntimeError) as exc:
@@ -88,6 +89,9 @@ def check_resources(params: Params) -> None:
     import ray
 
     t = params.train
+    if t.precision == "fp16" and not t.use_gpu:  # the workers would start, then fail in autocast
+        raise StageError("train.precision = 'fp16' needs GPUs (train.use_gpu: true); on CPUs use 'auto', "
+                         "'bf16' or 'fp32'")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
     if t.use_gpu and total.get("GPU", 0) < 1:
@@ -253,6 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
         from components.evaluation import load_test_set
 
         validation = load_test_set(ray.get(config["validation"]), 1, source="the validation hold-out")
+    train_start_unix = time.time()  # the first step is next: a search's scheduling overhead ends here
     for epoch in range(state.epoch + 1, epochs):
         start = time.perf_counter()
         extra = {}
@@ -273,6 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({"epoch": epoch, "nonfinite": 1.0, "error": str(exc)})
             return
         metrics.update(extra, epoch=epoch, epochs_done=config.get("epoch_offset", 0) + epoch + 1,
+                       train_start_unix=train_start_unix,
                        epoch_seconds=time.perf_counter() - start,
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         if validation is not None and pri:  # rank 0 only: the others wait at the next step's all-reduce

@@ -125,7 +125,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     from components.data.splits import hold_out_validation
     from components.fsutil import write_json
     from pipelines import tracking
-    from pipelines.ray_train import check_resources, connect, fit
+    from pipelines.ray_train import check_resources, connect
 
     t = params.tune
     if params.train.model != "pri":
@@ -153,11 +153,8 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
                                 tags={"stage": "tune", "search_path": path})
     started = time.perf_counter()
     try:
-        init_state = None
-        if t.pretrain == "shared":  # once, on the identities left after the hold-out
-            state, _ = fit(validate_params(base), phase="pretrain", name="shared-pretrain", table=train_rows,
-                           pairs=held.pairs, run_id=parent, validation=validation, storage_path=f"{path}-train")
-            init_state = state["model"]
+        init_state = shared_pretrain(base, path, train_rows, held.pairs, validation, parent) \
+            if t.pretrain == "shared" else None
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, table=train_rows, pairs=held.pairs, validation=validation,
                                  init_state=init_state, storage=f"{path}-train"),
@@ -200,6 +197,23 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     return report
 
 
+def shared_pretrain(base: dict, path: str, table, pairs, validation, parent: str) -> dict:
+    """tune.pretrain = shared: pretrain once with the base params on the identities left
+    after the hold-out (epochs logged to the parent run); a resumed search reuses it."""
+    from components.training import load_weights_file, save_weights_dict
+    from pipelines.ray_train import fit
+
+    cached = Path(f"{path}-train") / "shared-pretrain.pt"
+    if "://" not in path and cached.exists():
+        log.info("shared pretraining: reusing %s", cached)
+        return load_weights_file(cached)[0]
+    state, _ = fit(validate_params(base), phase="pretrain", name="shared-pretrain", table=table, pairs=pairs,
+                   run_id=parent, validation=validation, storage_path=f"{path}-train")
+    if "://" not in path:
+        save_weights_dict(state["model"], cached, {"phase": "pretrain", "model": "pri"})
+    return state["model"]
+
+
 def summarize(grid, params: Params, path: str, seconds: float) -> dict:
     """reports/tune.json: every trial, the best one, ASHA's savings."""
     import math
@@ -210,12 +224,16 @@ def summarize(grid, params: Params, path: str, seconds: float) -> dict:
         m = r.metrics or {}
         history = r.metrics_dataframe
         best_val = float(history[METRIC].max()) if history is not None and METRIC in history else None
+        overhead = None  # trial start (Tune) -> its workers' first training step
+        if history is not None and len(history) and {"timestamp", "time_total_s", "train_start_unix"} <= set(history):
+            first = history.iloc[0]
+            overhead = float(first["train_start_unix"] - (first["timestamp"] - first["time_total_s"]))
         trials.append({
             "trial_id": m.get("trial_id") or (r.path or "").rsplit("/", 1)[-1],
             "config": dict(r.config),
             METRIC: _finite(m.get(METRIC)), "val_mAP": _finite(m.get("val_mAP")),
             "best_" + METRIC: _finite(best_val),
-            "epochs_done": int(m.get("epochs_done", 0)),
+            "epochs_done": int(m.get("epochs_done", 0)), "start_overhead_s": _finite(overhead),
             "status": "ERROR" if r.error is not None else "TERMINATED",
             "error": str(r.error).strip().splitlines()[-1][:300] if r.error is not None else None,
         })
@@ -231,11 +249,18 @@ def summarize(grid, params: Params, path: str, seconds: float) -> dict:
         "stopped_early": sum(x["status"] == "TERMINATED" and x["epochs_done"] < full for x in trials),
         "trial_epochs": run, "trial_epochs_without_asha": full * len(trials),
         "asha_saved": 1 - run / (full * len(trials)) if trials else 0.0,
-        "wall_seconds": seconds, "trials_per_hour": len(trials) / seconds * 3600 if seconds > 0 else math.nan,
+        "wall_seconds": seconds, "median_start_overhead_s": _median([x["start_overhead_s"] for x in trials]), "trials_per_hour": len(trials) / seconds * 3600 if seconds > 0 else math.nan,
         "best": {"trial_id": best["trial_id"], "config": best["config"], METRIC: best[METRIC],
                  "val_mAP": best["val_mAP"], "epochs_done": best["epochs_done"]},
         "trials": trials,
     }
+
+
+def _median(values):
+    import statistics
+
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def _finite(v):

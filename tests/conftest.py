@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
+
+# Ray Train's controller polls its workers every 2 s by default: tiny test epochs would spend
+# most of their time waiting for that poll. Set before any Ray starts (subprocesses inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 from components import images
 from components.data import table as T
@@ -73,3 +79,16 @@ def split_dir(tmp_path_factory):
     T.write_table(res.table, d / "split.parquet", T.SPLIT_SCHEMA)
     T.write_table(res.pairs, d / "pairs.parquet", T.PAIRS_SCHEMA)
     return d
+
+
+def start_local_ray(num_cpus: int = 2) -> None:
+    """A local Ray whose state API is pinned to itself (as pipelines.ray_train.connect does)."""
+    import os
+
+    import ray
+
+    from pipelines.ray_train import free_port
+
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, dashboard_port=port, log_to_driver=True)

@@ -1,7 +1,7 @@
 """Pretraining and joint training through real Ray Train (local Ray), tracked in a real sqlite MLflow.
 
 Tiny data and models; checks the outputs, one MLflow record per epoch, DDP over
-2 CPU workers, recovery from a killed worker, resuming a stage after the driver
+recovery from a killed worker, resuming a stage after the driver
 crashed, and the up-front errors for workers that cannot be placed.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from components.config import validate_params
 from components.data import table as T
-from tests.conftest import tiny_model_params
+from tests.conftest import start_local_ray, tiny_model_params
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, log_to_driver=True)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -114,15 +114,6 @@ def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
     moved = [k for k in state if k.startswith("ffsr.") and state[k].is_floating_point()
              and not torch.equal(state[k], pre_state[k])]
     assert moved, "joint training started from the pretrained FFSR and changed it"
-
-
-def test_two_cpu_workers_ddp(local_ray, split_dir, workdir):
-    from pipelines.ray_train import run_stage
-
-    params = tiny_params(workdir / "ray", num_workers=2, pretrain_epochs=1)
-    out = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
-                    report=workdir / "pre.json")
-    assert out["epoch"] == 0 and out["samples"] > 0
 
 
 def test_a_killed_worker_is_recovered_without_double_counting(local_ray, split_dir, workdir):
