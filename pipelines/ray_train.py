@@ -84,26 +84,32 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                          f"{timeout:g} s ({exc}); start it with `ray start --head` or fix the address") from None
 
 
-def check_resources(params: Params) -> None:
-    """Fail before training when the workers cannot be placed (instead of waiting forever)."""
-    import ray
-
+def check_resources(params: Params, nodes: list[dict] | None = None) -> None:
+    """Fail before training when the workers cannot be placed (instead of waiting forever).
+    ``nodes``: ``ray.nodes()``-style dicts (default: the connected cluster's)."""
     t = params.train
     if t.precision == "fp16" and not t.use_gpu:  # the workers would start, then fail in autocast
         raise StageError("train.precision = 'fp16' needs GPUs (train.use_gpu: true); on CPUs use 'auto', "
                          "'bf16' or 'fp32'")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    total = ray.cluster_resources()
-    if t.use_gpu and total.get("GPU", 0) < 1:
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    nodes = [n for n in nodes if n.get("Alive")]
+    total = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    if t.use_gpu and total["GPU"] < 1:
         raise StageError("train.use_gpu = true, but the Ray cluster has no GPU; set train.use_gpu: false "
                          "(or start Ray on GPU nodes)")
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     slots = sum(min(int(n["Resources"].get(k, 0) // v) for k, v in per_worker.items() if v > 0) for n in nodes)
     if slots < t.num_workers:
+        most = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+        hint = (f"no node has {t.gpus_per_worker:g} GPUs (the most is {most:g}): lower train.gpus_per_worker"
+                if t.use_gpu and t.gpus_per_worker > most else
+                "lower train.num_workers or train.cpus_per_worker, or add nodes")
         raise StageError(
             f"train.num_workers = {t.num_workers} workers of {per_worker} cannot be placed: the cluster "
-            f"({len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs) fits {slots}; "
-            "lower train.num_workers or train.cpus_per_worker, or add nodes"
+            f"({len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs) fits {slots}; {hint}"
         )
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +41,7 @@ log = logging.getLogger("lrreid")
 REPORT = Path(REPORTS) / "tune.json"
 FIGURE = Path(REPORTS) / "tune.png"
 METRIC = "val_rank1"
+TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes of Ray's logical "memory" resource a trial's driver reserves
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +161,9 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, table=train_rows, pairs=held.pairs, validation=validation,
                                  init_state=init_state, storage=f"{path}-train"),
-            {"cpu": 0.01})  # the trial only drives its TorchTrainer; the workers bring their own resources
+            # the trial only drives its TorchTrainer (the workers bring their own CPUs / GPUs): it holds a
+            # little of Ray's "memory" resource and no CPU, so a trial's workers may take every CPU of a node
+            {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
         if resume:
             log.info("resuming the search at %s", path)
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -177,17 +182,23 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                     callbacks=[tracking.make_tune_callback(parent, max_epochs(params))]),
             )
+        # Ctrl-C: Tune's handler saves the search's state, stops the trials and returns from fit() as if the
+        # search had ended (the stopped trials look finished in memory, not in the saved state). The handler puts
+        # the previous SIGINT handler back when it fires, and only then: that is how an interruption shows.
+        before = signal.getsignal(signal.SIGINT)
         grid = tuner.fit()
-        if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved the state and returned
-            log.warning("search interrupted: %d of %d trials finished; continue with `lrreid tune --resume`",
-                        grid.num_terminated + grid.num_errors, len(grid))
-            tracking.end_run(parent, "KILLED")
+        interrupted = threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is before
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
+        if interrupted:
+            log.warning("search interrupted; continue it with `lrreid tune --resume` (finished trials are kept)")
             raise KeyboardInterrupt
         report = summarize(grid, params, path, time.perf_counter() - started)
         write_json(REPORT, report)
         _log_search(parent, report, params)
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
+    except BaseException as exc:
+        tracking.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracking.end_run(parent)
     best = report["best"]

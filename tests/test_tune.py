@@ -44,7 +44,7 @@ def _params(tmp: Path, **tune) -> dict:
         "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
         "model": tiny_model_params().model_dump(mode="json"),
         "train": dict(identities_per_batch=4, images_per_identity=2, pretrain_epochs=1, epochs=1, precision="fp32",
-                      storage_path=str(tmp / "ray"), max_failures=0, cpus_per_worker=1, lr_backbone=1e-3,
+                      storage_path=str(tmp / "ray"), max_failures=0, cpus_per_worker=2, lr_backbone=1e-3,
                       lr_head=1e-3),
         "tune": t,
     }
