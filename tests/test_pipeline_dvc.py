@@ -146,7 +146,7 @@ def test_error_midway_leaves_no_output(project, tmp_path):
 def test_help_lists_every_stage():
     out = sh(["lrreid", "--help"], REPO).stdout
     for stage in ("synthesize", "ingest", "degrade", "split", "pretrain", "train", "evaluate", "register", "query",
-                  "preset"):
+                  "preset", "tune"):
         assert stage in out
     degrade_help = sh(["lrreid", "degrade", "--help"], REPO).stdout
     assert "Inputs:" in degrade_help and "degrade.scales" in degrade_help
