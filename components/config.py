@@ -286,7 +286,7 @@ def _check_space(p: "Params") -> None:
     for key, spec in p.tune.space.items():
         name = f"tune.space.{key}"
         parts = key.split(".")
-        node, models = dump, []
+        node = dump
         if parts[0] not in SEARCHABLE or len(parts) < 2:
             raise _KeyError(name, spec, f"a key of the {', '.join(SEARCHABLE)} sections, e.g. model.gamma")
         for part in parts[:-1]:

@@ -59,16 +59,18 @@ def run(args: argparse.Namespace) -> None:
                          "(train.model: pri); FFSR + RIFE gets its row through ablation.variants: [ffsr_rife]")
     split_file = Path(args.split) / "split.parquet"
     pri, meta = load_trained(params, Path(args.model))
-    variants = {v: load_trained(params.for_variant(v), variant_path(args.model, v), v)[0]
-                for v in params.ablation.variants}  # every model loads before the long embedding passes
+    variants = {}  # every model loads before the long embedding passes
+    for v in params.ablation.variants:
+        vparams = params.for_variant(v)
+        variants[v] = (vparams, load_trained(vparams, variant_path(args.model, v), v)[0])
     test = load_test_set(T.read_table(split_file, T.SPLIT_SCHEMA), e.repeats, source=str(split_file))
     device = "cuda" if params.train.use_gpu and torch.cuda.is_available() else "cpu"
     log.info("evaluate: %d probes, %d gallery draws of %d images", test.query.num_rows, len(test.draws),
              len(test.draws[0]))
     emb = embed_test_set(pri, test, batch_size=e.batch_size, device=device, progress=not args.no_progress)
     rows = score(pri, emb, test, hr_height=params.degrade.hr_height, max_rank=e.max_rank)
-    for variant, model in variants.items():
-        rows[VARIANT_ROWS[variant]] = score_variant(params.for_variant(variant), variant, model, test, device,
+    for variant, (vparams, model) in variants.items():
+        rows[VARIANT_ROWS[variant]] = score_variant(vparams, variant, model, test, device,
                                                     progress=not args.no_progress)
 
     headline = rows[HEADLINE[e.predictor]]

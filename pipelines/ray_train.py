@@ -57,9 +57,17 @@ def connect(params: Params) -> None:
         except (ConnectionError, RuntimeError) as exc:
             raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer: {exc}") from None
     else:  # "local": always a fresh local instance, never some other Ray running on this machine
-        port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", log_to_driver=True, dashboard_port=port)  # Train V2 polls the state API
+        start_local_ray()
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A new local Ray with the dashboard (Train V2 polls the state API) on a free port, and the
+    state API address pinned to it for this process and every Ray process it starts."""
+    import ray
+
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port)
 
 
 def free_port() -> int:

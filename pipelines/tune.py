@@ -211,14 +211,20 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
 def shared_pretrain(base: dict, path: str, table, pairs, validation, parent: str) -> dict:
     """tune.pretrain = shared: pretrain once with the base params on the identities left
     after the hold-out (epochs logged to the parent run); a resumed search reuses it."""
+    from components.data import table as T
     from components.training import load_weights_file, save_weights_dict
     from pipelines.ray_train import fit
+    from pipelines.tracking import params_hash
 
-    cached = Path(f"{path}-train") / "shared-pretrain.pt"
+    # named after what it is trained from: another base or hold-out is another pretraining, never a stale one
+    key = params_hash({"base": {k: base[k] for k in ("model", "loss", "train")},
+                       "train_ids": sorted(set(table[T.PERSON_ID].to_pylist())), "rows": table.num_rows})
+    name = f"shared-pretrain-{key}"
+    cached = Path(f"{path}-train") / f"{name}.pt"
     if "://" not in path and cached.exists():
         log.info("shared pretraining: reusing %s", cached)
         return load_weights_file(cached)[0]
-    state, _ = fit(validate_params(base), phase="pretrain", name="shared-pretrain", table=table, pairs=pairs,
+    state, _ = fit(validate_params(base), phase="pretrain", name=name, table=table, pairs=pairs,
                    run_id=parent, validation=validation, storage_path=f"{path}-train")
     if "://" not in path:
         save_weights_dict(state["model"], cached, {"phase": "pretrain", "model": "pri"})

@@ -79,16 +79,3 @@ def split_dir(tmp_path_factory):
     T.write_table(res.table, d / "split.parquet", T.SPLIT_SCHEMA)
     T.write_table(res.pairs, d / "pairs.parquet", T.PAIRS_SCHEMA)
     return d
-
-
-def start_local_ray(num_cpus: int = 2) -> None:
-    """A local Ray whose state API is pinned to itself (as pipelines.ray_train.connect does)."""
-    import os
-
-    import ray
-
-    from pipelines.ray_train import free_port
-
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, dashboard_port=port, log_to_driver=True)

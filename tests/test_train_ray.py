@@ -23,7 +23,8 @@ import torch
 
 from components.config import validate_params
 from components.data import table as T
-from tests.conftest import start_local_ray, tiny_model_params
+from pipelines.ray_train import start_local_ray
+from tests.conftest import tiny_model_params
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
