@@ -264,6 +264,8 @@ def train_loop_per_worker(config: dict) -> None:
             generator.set_state(state.extra["generator"])
         if rank == 0:
             log.info("[%s] resuming after epoch %d", phase, state.epoch + 1)
+        if state.extra.get("history"):  # the checkpointed epoch's result once more, for a driver that died
+            ray.train.report(state.extra["history"][-1])  # before it got it (MLflow and Tune skip a seen epoch)
     precision = resolve_precision(device, t.precision)
     epochs = phase_epochs(params, phase)
     validation = None

@@ -124,6 +124,15 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
+def end_unfinished_children(parent_run_id: str, status: str = "KILLED") -> None:
+    """End the child runs of ``parent_run_id`` still RUNNING (the trials of a search stopped mid-way)."""
+    c = client()
+    parent = c.get_run(parent_run_id)
+    for run in c.search_runs([parent.info.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        c.set_terminated(run.info.run_id, status=status)
+
+
 def make_train_callback(run_id: str, uri: str):
     """A Ray Train UserCallback that logs rank 0's metrics of every reported epoch, once
     (and the largest peak RSS over the workers)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -185,11 +186,13 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
         # Ctrl-C: Tune's handler saves the search's state, stops the trials and returns from fit() as if the
         # search had ended (the stopped trials look finished in memory, not in the saved state). The handler puts
         # the previous SIGINT handler back when it fires, and only then: that is how an interruption shows.
+        # (No handler off the main thread or with TUNE_DISABLE_SIGINT_HANDLER=1: Ctrl-C raises KeyboardInterrupt.)
+        catches = threading.current_thread() is threading.main_thread()
         before = signal.getsignal(signal.SIGINT)
         grid = tuner.fit()
-        interrupted = threading.current_thread() is threading.main_thread() and \
+        interrupted = catches and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")) and \
             signal.getsignal(signal.SIGINT) is before
-        if threading.current_thread() is threading.main_thread():
+        if catches:
             signal.signal(signal.SIGINT, before)
         if interrupted:
             log.warning("search interrupted; continue it with `lrreid tune --resume` (finished trials are kept)")
@@ -198,6 +201,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
         write_json(REPORT, report)
         _log_search(parent, report, params)
     except BaseException as exc:
+        tracking.end_unfinished_children(parent)  # `--resume` sets them RUNNING again
         tracking.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracking.end_run(parent)

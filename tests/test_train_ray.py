@@ -151,13 +151,15 @@ def test_a_killed_worker_is_recovered_without_double_counting(local_ray, split_d
     assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1, 2, 3]  # no epoch counted twice
 
 
-def test_stage_resumes_after_the_driver_crashed(split_dir, tmp_path):
-    """Kill the whole `lrreid pretrain` process after its first checkpoint, run it again: it resumes."""
+def test_stage_resumes_after_the_driver_crashed(local_ray, split_dir, tmp_path):
+    """Kill the `lrreid pretrain` driver (joined to this module's Ray, as on a cluster) after its
+    first checkpoint, run it again: it resumes."""
     params = tiny_params(tmp_path / "ray", pretrain_epochs=3).model_dump(mode="json")
     import yaml
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", RAY_ADDRESS="",
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = ["lrreid", "pretrain", "--split", str(split_dir), "--out", str(tmp_path / "pre.pt")]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -165,7 +167,7 @@ def test_stage_resumes_after_the_driver_crashed(split_dir, tmp_path):
     for line in first.stdout:  # epoch 2's line: epoch 1's checkpoint is registered by now
         if "epoch 2/3" in line:
             break
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    os.killpg(first.pid, signal.SIGKILL)  # the driver: Ray ends its job (controller, workers)
     first.wait()
     assert not (tmp_path / "pre.pt").exists()
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

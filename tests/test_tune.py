@@ -1,12 +1,14 @@
-"""`lrreid tune`: a real Ray Tune search over the training driver (tiny data), killed and resumed.
+"""`lrreid tune`: a real Ray Tune search over the training driver (tiny data), interrupted and resumed.
 
-One scenario, as a user meets it: a search of two trials is killed with its
-driver after the first trial finished; `lrreid tune --resume` finishes it without
-re-running that trial, and the second trial (it asks for fp16 on a CPU) crashes
-and is reported while the search still ends with a result; the
-report, the MLflow parent / child runs and the picture are there; `--apply`
-writes the best values into params.yaml and keeps its comments. Bad search
-spaces and unreachable clusters fail before any trial.
+One scenario, as a user meets it on a cluster (a Ray head the test starts, which
+the searches join through RAY_ADDRESS): a search of two trials gets Ctrl-C during
+its first trial (exit 130, parent run KILLED); `lrreid tune --resume` continues
+that trial from its own checkpoint and is killed (SIGKILL) once it finished; a
+second `--resume` finishes the search without re-running it, and the second
+trial (it asks for fp16 on a CPU) crashes and is reported while the search still
+ends with a result; the report, the MLflow parent / child runs and the picture
+are there; `--apply` writes the best values into params.yaml and keeps its
+comments. Bad search spaces and unreachable clusters fail before any trial.
 """
 
 from __future__ import annotations
@@ -27,11 +29,25 @@ from tests.conftest import tiny_model_params
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp: Path) -> dict:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", RAY_ADDRESS="",
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node Ray 'cluster' (2 CPUs) outside this process: the searches join it, so killing a
+    search's driver leaves Ray up, as on a real cluster (and the module pays one Ray start)."""
+    from ray.cluster_utils import Cluster
+
+    from pipelines.ray_train import free_port
+
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
+    yield cluster.address
+    cluster.shutdown()
+
+
+def _env(tmp: Path, address: str) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", RAY_ADDRESS=address,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                TUNE_GLOBAL_CHECKPOINT_S="0")  # the search's state is saved at every step
-    env.pop("RAY_ADDRESS")
+    env.pop("RAY_API_SERVER_ADDRESS", None)
     return env
 
 
@@ -57,11 +73,6 @@ def _write(tmp: Path, params: dict) -> Path:
     return path
 
 
-def _tune(tmp: Path, split_dir: Path, *extra: str, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
-    cmd = ["lrreid", "tune", "--split", str(split_dir), *extra]
-    return subprocess.run(cmd, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=600, **kw)
-
-
 def _children(tmp: Path):
     from mlflow import MlflowClient
 
@@ -72,31 +83,63 @@ def _children(tmp: Path):
     return c, [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "tune-trial"]
 
 
-def test_search_killed_resumed_reported_and_applied(split_dir, tmp_path):
-    _write(tmp_path, _params(tmp_path))
-    cmd = ["lrreid", "tune", "--split", str(split_dir)]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 400
-    finished = []
-    while time.time() < deadline and first.poll() is None:
-        time.sleep(1)
+def _start(tmp: Path, split_dir: Path, address: str, *extra: str) -> subprocess.Popen:
+    """`lrreid tune` in its own session (a terminal's Ctrl-C goes to that process group), output to a file."""
+    log = tmp / f"tune{len(list(tmp.glob('tune*.log')))}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["lrreid", "tune", "--split", str(split_dir), *extra], cwd=tmp,
+                                env=_env(tmp, address), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _wait_for(tmp: Path, proc: subprocess.Popen, done, what: str, seconds: float = 400):
+    """Poll the MLflow store until ``done(client, child_runs)`` gives something."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.25)
         try:
-            _, runs = _children(tmp_path)
+            found = done(*_children(tmp))
         except Exception:  # the store is being created
             continue
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        if finished:
-            break
-    assert finished, "no trial finished before the deadline"
+        if found:
+            return found
+    pytest.fail(f"{what} before the deadline (exit {proc.poll()}):\n" + proc.log.read_text()[-3000:])
+
+
+def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tmp_path):
+    _write(tmp_path, _params(tmp_path))
+
+    # 1. Ctrl-C once the first trial has reported an epoch: Tune saves the search, the driver says how to resume
+    first = _start(tmp_path, split_dir, ray_head)
+    epoch1 = _wait_for(tmp_path, first, lambda c, runs: [r for r in runs if c.get_metric_history(r.info.run_id, "val_rank1")],
+                       "no trial reported an epoch")
+    interrupted_id = epoch1[0].data.tags["trial_id"]
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(timeout=180) == 130
+    log1 = first.log.read_text()
+    assert "lrreid tune --resume" in log1, log1[-3000:]
+    c, runs = _children(tmp_path)
+    parent_id = runs[0].data.tags["mlflow.parentRunId"]
+    assert c.get_run(parent_id).info.status == "KILLED"
+    assert [r.info.status for r in runs if r.data.tags["trial_id"] == interrupted_id] == ["KILLED"]
+
+    # 2. resume: the interrupted trial continues from its checkpoint; the driver is killed once it finished
+    second = _start(tmp_path, split_dir, ray_head, "--resume")
+    finished = _wait_for(tmp_path, second, lambda c, runs: [
+        r for r in runs if r.info.status == "FINISHED" and r.data.tags["trial_id"] == interrupted_id
+        and 2 in {int(m.step) for m in c.get_metric_history(r.info.run_id, "val_rank1")}], "the interrupted trial did not finish")
     time.sleep(2)  # the experiment state of that step is written
-    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started: a hard crash
-    first.wait()
-    done_id = finished[0].data.tags["trial_id"]
+    os.killpg(second.pid, signal.SIGKILL)  # a hard crash of the driver; the cluster stays up
+    second.wait()
+    assert "[joint] resuming after epoch" in second.log.read_text()  # from the trial's own checkpoint
+    done_id = interrupted_id
     done_runs = {r.info.run_id: r.info.end_time for r in finished}
 
-    second = _tune(tmp_path, split_dir, "--resume")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # 3. resume again: the finished trial is not run again, the fp16 trial crashes and is reported
+    third = subprocess.run(["lrreid", "tune", "--split", str(split_dir), "--resume"], cwd=tmp_path,
+                           env=_env(tmp_path, ray_head), capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     report = json.loads((tmp_path / "reports" / "tune.json").read_text())
     assert report["num_trials"] == 2 and report["errors"] == 1
     failed = [t for t in report["trials"] if t["status"] == "ERROR"]
@@ -114,7 +157,7 @@ def test_search_killed_resumed_reported_and_applied(split_dir, tmp_path):
             assert r.info.end_time == done_runs[r.info.run_id] and r.data.tags["trial_id"] == done_id
         steps = [int(m.step) for m in c.get_metric_history(r.info.run_id, "val_rank1")]
         assert steps == sorted(set(steps)), f"an epoch logged twice: {steps}"
-    parent = c.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    parent = c.get_run(parent_id)
     assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
     assert parent.data.tags["best.train.precision"] == best["config"]["train.precision"]
     assert parent.data.metrics["best_val_rank1"] == pytest.approx(best["val_rank1"])
@@ -124,7 +167,8 @@ def test_search_killed_resumed_reported_and_applied(split_dir, tmp_path):
 
     # --apply: only the searched keys change, the comments stay, and the file is valid params
     before = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    applied = _tune(tmp_path, split_dir, "--apply")
+    applied = subprocess.run(["lrreid", "tune", "--split", str(split_dir), "--apply"], cwd=tmp_path,
+                             env=_env(tmp_path, ray_head), capture_output=True, text=True, timeout=120)
     assert applied.returncode == 0, applied.stderr
     text = (tmp_path / "params.yaml").read_text()
     assert "# a comment --apply must keep" in text and "# the base of every trial" in text
