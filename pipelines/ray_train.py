@@ -92,8 +92,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                          f"{timeout:g} s ({exc}); start it with `ray start --head` or fix the address") from None
 
 
-def check_resources(params: Params, nodes: list[dict] | None = None) -> None:
-    """Fail before training when the workers cannot be placed (instead of waiting forever).
+def check_resources(params: Params, nodes: list[dict] | None = None) -> int:
+    """Fail before training when the workers cannot be placed (instead of waiting forever);
+    returns how many such workers the cluster holds at once.
     ``nodes``: ``ray.nodes()``-style dicts (default: the connected cluster's)."""
     t = params.train
     if t.precision == "fp16" and not t.use_gpu:  # the workers would start, then fail in autocast
@@ -119,6 +120,7 @@ def check_resources(params: Params, nodes: list[dict] | None = None) -> None:
             f"train.num_workers = {t.num_workers} workers of {per_worker} cannot be placed: the cluster "
             f"({len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs) fits {slots}; {hint}"
         )
+    return slots
 
 
 def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Table, run_id: str | None,

@@ -98,6 +98,20 @@ def max_epochs(params: Params) -> int:
     return t.epochs + (params.train.pretrain_epochs if t.pretrain == "per_trial" else 0)
 
 
+def check_concurrency(params: Params, nodes: list[dict] | None = None) -> int:
+    """How many trials' worker groups the cluster holds at once; an error when not even one fits
+    (`check_resources`), a warning when tune.max_concurrent_trials asks for more (Tune does not
+    see a trial's workers: the extra trials would start and wait for resources)."""
+    from pipelines.ray_train import check_resources
+
+    fits = check_resources(params, nodes) // params.train.num_workers
+    if params.tune.max_concurrent_trials > fits:
+        log.warning("tune.max_concurrent_trials = %d, but the cluster holds the workers of %d trial(s) at once: "
+                    "the others wait for free resources (lower it, or add nodes)", params.tune.max_concurrent_trials,
+                    fits)
+    return fits
+
+
 # ---------------------------------------------------------------------- one trial (in a Tune actor)
 def run_trial(config: dict, *, base: dict, table, pairs, validation, init_state, storage: str) -> None:
     """Pretrain (per_trial) and joint-train one point of the space; every epoch goes to Tune."""
@@ -129,7 +143,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     from components.data.splits import hold_out_validation
     from components.fsutil import write_json
     from pipelines import tracking
-    from pipelines.ray_train import check_resources, connect
+    from pipelines.ray_train import connect
 
     t = params.tune
     if params.train.model != "pri":
@@ -148,7 +162,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
         raise StageError(f"a search named {t.name!r} exists at {path}: continue it with `lrreid tune --resume`, "
                          "or set another tune.name (or delete that folder)")
     connect(params)
-    check_resources(params)  # workers of one trial must fit a node: fail now, not hang
+    check_concurrency(params)  # the workers of one trial must fit the cluster: fail now, not hang
     # the trials' base: joint epochs = tune.epochs; no tracked images (the search logs the metric only)
     base = merge(params.model_dump(mode="json"), {"train": {"epochs": t.epochs, "track_images": 0}})
     sections = params.model_dump(mode="json")

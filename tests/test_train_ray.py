@@ -191,9 +191,9 @@ def test_workers_that_cannot_be_placed_fail_before_training(local_ray, tmp_path)
         check_resources(tiny_params(tmp_path, num_workers=3))
     with pytest.raises(StageError, match="train.use_gpu = true"):
         check_resources(tiny_params(tmp_path, use_gpu=True))
-    check_resources(tiny_params(tmp_path, num_workers=2))  # fits
+    assert check_resources(tiny_params(tmp_path, num_workers=2)) == 2  # fits: 2 workers of 1 CPU at once
     # more GPUs per worker (or per trial) than any node has: named, not a hang
     gpu_nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 1}}, {"Alive": True, "Resources": {"CPU": 16, "GPU": 1}}]
     with pytest.raises(StageError, match="no node has 2 GPUs \\(the most is 1\\)"):
         check_resources(tiny_params(tmp_path, use_gpu=True, gpus_per_worker=2), gpu_nodes)
-    check_resources(tiny_params(tmp_path, use_gpu=True, num_workers=2, gpus_per_worker=1), gpu_nodes)
+    assert check_resources(tiny_params(tmp_path, use_gpu=True, num_workers=2, gpus_per_worker=1), gpu_nodes) == 2

@@ -203,3 +203,16 @@ def test_bad_space_or_cluster_fails_before_any_trial(split_dir, tmp_path, monkey
     monkeypatch.delenv("RAY_ADDRESS")
     assert main(argv + ["--resume"]) == 2 and "no search to resume" in capsys.readouterr().err
     assert main(argv + ["--apply"]) == 2 and "run the search first" in capsys.readouterr().err
+
+
+def test_more_concurrent_trials_than_the_cluster_holds_is_said(tmp_path, caplog):
+    from components.config import validate_params
+    from pipelines.tune import check_concurrency
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 2}}, {"Alive": True, "Resources": {"CPU": 16, "GPU": 2}}]
+    raw = _params(tmp_path, max_concurrent_trials=2)
+    raw["train"].update(use_gpu=True, gpus_per_worker=1, num_workers=2, cpus_per_worker=4)
+    assert check_concurrency(validate_params(raw), nodes) == 2 and not caplog.records  # 2 trials x 2 GPUs: fit
+    raw["tune"]["max_concurrent_trials"] = 3
+    assert check_concurrency(validate_params(raw), nodes) == 2
+    assert "tune.max_concurrent_trials = 3, but the cluster holds the workers of 2 trial(s) at once" in caplog.text
