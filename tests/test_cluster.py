@@ -36,7 +36,8 @@ def two_nodes(monkeypatch):
     cluster.shutdown()
 
 
-def test_two_workers_on_two_nodes_checkpoint_to_storage_and_log_once(two_nodes, split_dir, tmp_path, monkeypatch):
+def test_two_workers_on_two_nodes_checkpoint_to_storage_and_log_once(two_nodes, split_dir, tmp_path, monkeypatch,
+                                                                    mlflow_store):
     from ray.util.state import list_actors
 
     from components.training import load_weights_file
@@ -45,7 +46,7 @@ def test_two_workers_on_two_nodes_checkpoint_to_storage_and_log_once(two_nodes, 
 
     cluster, second = two_nodes
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     storage = tmp_path / "shared"  # on a real cluster: NFS or s3://...
     params = validate_params({"model": tiny_model_params().model_dump(mode="json"), "train": dict(
         identities_per_batch=4, images_per_identity=2, pretrain_epochs=2, precision="fp32", num_workers=2,

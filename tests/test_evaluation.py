@@ -79,13 +79,13 @@ def _probe_images(test):
     return decode_images(test.query)
 
 
-def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_path, monkeypatch):
+def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_path, monkeypatch, mlflow_store):
     from components.training import save_weights_dict
     from pipelines.cli import main
     from pipelines.tracking import client
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     params = validate_params({"model": tiny_model_params(scales=[1, 2, 4]).model_dump(mode="json"),
                               "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
                               "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 2},
@@ -117,7 +117,7 @@ def test_evaluate_stage_errors(tmp_path, monkeypatch):
     assert main(["evaluate", "--no-progress"]) == 2  # no model: a one-line error, exit 2
 
 
-def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monkeypatch, capsys):
+def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monkeypatch, capsys, mlflow_store):
     """ablation.variants: FFSR + RIFE and RIFE as F + PRI scored from models/ablation/<variant>/model.pt."""
     from components.models.ffsr_rife import FFSRRIFE
     from components.models.pri import build_pri
@@ -125,7 +125,7 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monke
     from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     model = tiny_model_params(scales=[1, 2, 4], rife={"backbone": "resnet18", "feature_dim": 16, "weight_hidden": 4},
                               ffsr={"channels": 4})
     params = validate_params({"model": model.model_dump(mode="json"),

@@ -1,8 +1,8 @@
 """Pretraining and joint training through real Ray Train (local Ray), tracked in a real sqlite MLflow.
 
-Tiny data and models; checks the outputs, one MLflow record per epoch, DDP over
-recovery from a killed worker, resuming a stage after the driver
-crashed, and the up-front errors for workers that cannot be placed.
+Tiny data and models; checks the outputs, one MLflow record per epoch, recovery
+from a killed worker, resuming a stage after the driver crashed, and the up-front
+errors for workers that cannot be placed.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def tiny_params(storage: Path, **train):
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, mlflow_store):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
     return tmp_path
 
 
@@ -58,14 +58,45 @@ def _epochs_logged(run_id: str, key: str = "L") -> list[int]:
     return sorted(int(m.step) for m in client().get_metric_history(run_id, key))
 
 
+def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: list) -> threading.Thread:
+    """A thread that kills this test's Ray Train worker once a checkpoint is in ``storage``."""
+    def kill():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(storage.glob("*/checkpoint_*")):
+                # only this test's Ray (started by this process): never another run's workers on the machine
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        cmd = " ".join(proc.cmdline())
+                    except psutil.Error:
+                        continue
+                    if "RayTrainWorker" in cmd:
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
+    """Pretraining (its worker killed after the first checkpoint: Train restarts it from there) then joint."""
     from pipelines.ray_train import run_stage
     from components.training import load_weights_file
 
-    params = tiny_params(workdir / "ray")
+    params = tiny_params(workdir / "ray", pretrain_epochs=3, max_failures=1)
+    killed = []
+    killer = _kill_a_worker_after_the_first_checkpoint(workdir / "ray", killed)
     pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
                     report=workdir / "pre.json")
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker process was found to kill"
     assert "L_sr" in pre and "L_p" not in pre
+    _, pre_meta = load_weights_file(workdir / "pre.pt")
+    assert pre_meta["epochs"] == 3
+    assert _epochs_logged(pre_meta["mlflow_run_id"]) == [0, 1, 2]  # no epoch counted twice after the restart
     joint = run_stage(params, phase="joint", split_dir=split_dir, out=workdir / "model.pt",
                       report=workdir / "train.json", init=workdir / "pre.pt")
     for key in ("L", "L_sr", "L_id", "L_tri", "L_p", "label_entropy", "samples_per_s", "lr_backbone"):
@@ -117,48 +148,14 @@ def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
     assert moved, "joint training started from the pretrained FFSR and changed it"
 
 
-def test_a_killed_worker_is_recovered_without_double_counting(local_ray, split_dir, workdir):
-    from pipelines.ray_train import run_stage
-    from components.training import load_weights_file
-
-    params = tiny_params(workdir / "ray", pretrain_epochs=4, max_failures=1)
-    storage = workdir / "ray"
-    killed = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            if list(storage.glob("*/checkpoint_*")):
-                # only this test's Ray (started by this process): never another run's workers on the machine
-                for proc in psutil.Process().children(recursive=True):
-                    try:
-                        cmd = " ".join(proc.cmdline())
-                    except psutil.Error:
-                        continue
-                    if "RayTrainWorker" in cmd:
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt", report=workdir / "pre.json")
-    killer.join(timeout=5)
-    assert killed, "no Ray Train worker process was found to kill"
-    _, meta = load_weights_file(workdir / "pre.pt")
-    assert meta["epochs"] == 4
-    assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1, 2, 3]  # no epoch counted twice
-
-
-def test_stage_resumes_after_the_driver_crashed(local_ray, split_dir, tmp_path):
+def test_stage_resumes_after_the_driver_crashed(local_ray, split_dir, tmp_path, mlflow_store):
     """Kill the `lrreid pretrain` driver (joined to this module's Ray, as on a cluster) after its
     first checkpoint, run it again: it resumes."""
     params = tiny_params(tmp_path / "ray", pretrain_epochs=3).model_dump(mode="json")
     import yaml
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_store,
                RAY_ADDRESS=ray.get_runtime_context().gcs_address,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = ["lrreid", "pretrain", "--split", str(split_dir), "--out", str(tmp_path / "pre.pt")]

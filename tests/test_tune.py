@@ -107,7 +107,7 @@ def _wait_for(tmp: Path, proc: subprocess.Popen, done, what: str, seconds: float
     pytest.fail(f"{what} before the deadline (exit {proc.poll()}):\n" + proc.log.read_text()[-3000:])
 
 
-def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tmp_path):
+def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tmp_path, mlflow_store, monkeypatch):
     _write(tmp_path, _params(tmp_path))
 
     # 1. Ctrl-C once the first trial has reported an epoch: Tune saves the search, the driver says how to resume
@@ -167,9 +167,10 @@ def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tm
 
     # --apply: only the searched keys change, the comments stay, and the file is valid params
     before = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    applied = subprocess.run(["lrreid", "tune", "--split", str(split_dir), "--apply"], cwd=tmp_path,
-                             env=_env(tmp_path, ray_head), capture_output=True, text=True, timeout=120)
-    assert applied.returncode == 0, applied.stderr
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)  # in-process: the same main() as the console script, without its start-up
+    assert main(["tune", "--split", str(split_dir), "--apply"]) == 0
     text = (tmp_path / "params.yaml").read_text()
     assert "# a comment --apply must keep" in text and "# the base of every trial" in text
     after = yaml.safe_load(text)
