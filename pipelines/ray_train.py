@@ -266,8 +266,6 @@ def train_loop_per_worker(config: dict) -> None:
             generator.set_state(state.extra["generator"])
         if rank == 0:
             log.info("[%s] resuming after epoch %d", phase, state.epoch + 1)
-        if state.extra.get("history"):  # the checkpointed epoch's result once more, for a driver that died
-            ray.train.report(state.extra["history"][-1])  # before it got it (MLflow and Tune skip a seen epoch)
     precision = resolve_precision(device, t.precision)
     epochs = phase_epochs(params, phase)
     validation = None
@@ -276,6 +274,9 @@ def train_loop_per_worker(config: dict) -> None:
 
         validation = load_test_set(ray.get(config["validation"]), 1, source="the validation hold-out")
     train_start_unix = time.time()  # the first step is next: a search's scheduling overhead ends here
+    if checkpoint and state.extra.get("history"):  # the checkpointed epoch's result once more, for a driver
+        # that died before it got it (MLflow and Tune skip an epoch they have seen); this run's start time
+        ray.train.report({**state.extra["history"][-1], "train_start_unix": train_start_unix})
     for epoch in range(state.epoch + 1, epochs):
         start = time.perf_counter()
         extra = {}

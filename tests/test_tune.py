@@ -137,9 +137,8 @@ def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tm
     done_runs = {r.info.run_id: r.info.end_time for r in finished}
 
     # 3. resume again: the finished trial is not run again, the fp16 trial crashes and is reported
-    third = subprocess.run(["lrreid", "tune", "--split", str(split_dir), "--resume"], cwd=tmp_path,
-                           env=_env(tmp_path, ray_head), capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    third = _start(tmp_path, split_dir, ray_head, "--resume")
+    assert third.wait(timeout=600) == 0, third.log.read_text()[-3000:]
     report = json.loads((tmp_path / "reports" / "tune.json").read_text())
     assert report["num_trials"] == 2 and report["errors"] == 1
     failed = [t for t in report["trials"] if t["status"] == "ERROR"]
