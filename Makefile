@@ -15,7 +15,8 @@ run: install            ## set up, materialise data/raw, run the whole DVC pipel
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install           ## set up and run the test suite (what .ci/run calls)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	@# PYTHONFAULTHANDLER: a crash, even at interpreter exit, prints every thread's Python stack
+	PATH="$(CURDIR)/$(BIN):$$PATH" PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q
 
 install: $(VENV)/.installed
 

@@ -55,9 +55,22 @@ def connect(params: Params) -> None:
         try:
             ray.init(address=address, log_to_driver=True, runtime_env=env or None)
         except (ConnectionError, RuntimeError) as exc:
+            if "InvalidAuthToken" in _chain_text(exc):  # the cluster wants a token (Ray passes it on as text)
+                raise StageError(
+                    f"Ray cluster at {address} refused this driver: it uses token authentication. Export "
+                    f"RAY_AUTH_MODE=token (as on its nodes), with the cluster's token in ~/.ray/auth_token, "
+                    f"RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") from None
             raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer: {exc}") from None
     else:  # "local": always a fresh local instance, never some other Ray running on this machine
         start_local_ray()
+
+
+def _chain_text(exc: BaseException | None) -> str:
+    """The messages of an exception and of those it was raised from."""
+    text = ""
+    while exc is not None:
+        text, exc = text + str(exc) + "\n", exc.__cause__ or exc.__context__
+    return text
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:

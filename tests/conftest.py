@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -98,3 +104,54 @@ def mlflow_store(tmp_path, empty_mlflow_db) -> str:
     """A real, empty sqlite MLflow store at ``tmp_path / "mlflow.db"``; returns its tracking URI."""
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def ray_node(log: Path, num_cpus: int, head: str | None = None):
+    """A Ray node started the way a cluster's nodes are (`ray start --block`), in its own process group.
+
+    Yields the cluster's address (the head's GCS); ``head``: the address to join as a worker node
+    (None: start a head). Token authentication is on, as Ray's docs set a cluster up
+    (RAY_AUTH_MODE=token on every node, the token in ~/.ray/auth_token, made if missing): its drivers
+    need RAY_AUTH_MODE=token too. The node lives outside pytest: a killed driver leaves it up, as on
+    a cluster, and pytest holds no client of it (ray.cluster_utils.Cluster keeps its head's GCS
+    client until interpreter exit, where CI's test run once ended in a segmentation fault).
+    Stopped with SIGTERM (`ray start --block` then stops its node's processes), SIGKILL if it hangs.
+    """
+    from pipelines.ray_train import free_port
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    if not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ) or (Path.home() / ".ray/auth_token").exists()):
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True)
+    port = free_port()
+    args = [ray_bin, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+            "--min-worker-port=0", "--max-worker-port=0", f"--dashboard-agent-listen-port={free_port()}"]  # 2 nodes, 1 host
+    args += [f"--address={head}"] if head else ["--head", f"--port={port}", f"--dashboard-port={free_port()}"]
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a node never joins whatever this process uses
+        env.pop(key, None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"`{' '.join(args)}` did not start (exit {proc.poll()}):\n{log.read_text()}")
+            time.sleep(0.2)
+        yield head or f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the node is still in its group
+        proc.wait()
+
+
+def join_with_token(monkeypatch) -> None:
+    """This process (an in-process driver) sends the token of the clusters `ray_node` starts.
+    Ray reads RAY_AUTH_MODE once; ray.init refreshes it the same way when it turns tokens on."""
+    from ray._raylet import Config
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    Config.initialize("")

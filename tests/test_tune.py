@@ -24,28 +24,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_model_params
+from tests.conftest import ray_node, tiny_model_params
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A one-node Ray 'cluster' (2 CPUs) outside this process: the searches join it, so killing a
+def ray_head(tmp_path_factory):
+    """A one-node Ray cluster (2 CPUs, `ray start --head`): the searches join it, so killing a
     search's driver leaves Ray up, as on a real cluster (and the module pays one Ray start)."""
-    from ray.cluster_utils import Cluster
-
-    from pipelines.ray_train import free_port
-
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
-    yield cluster.address
-    cluster.shutdown()
+    with ray_node(tmp_path_factory.mktemp("ray") / "head.log", num_cpus=2) as address:
+        yield address
 
 
 def _env(tmp: Path, address: str) -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}", RAY_ADDRESS=address,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               RAY_AUTH_MODE="token",  # the cluster's nodes use token authentication
                TUNE_GLOBAL_CHECKPOINT_S="0")  # the search's state is saved at every step
     env.pop("RAY_API_SERVER_ADDRESS", None)
     return env
@@ -177,6 +172,16 @@ def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tm
     assert str(after["model"]["gamma"]) == str(best["config"]["model.gamma"])
     after["train"]["precision"], after["model"]["gamma"] = before["train"]["precision"], before["model"]["gamma"]
     assert after == before
+
+
+def test_a_driver_without_the_clusters_token_is_told_how_to_join(ray_head, split_dir, tmp_path):
+    _write(tmp_path, _params(tmp_path))
+    env = dict(_env(tmp_path, ray_head), RAY_AUTH_MODE="disabled")  # a shell without the cluster's setting
+    done = subprocess.run(["lrreid", "tune", "--split", str(split_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"Ray cluster at {ray_head} refused this driver" in done.stderr and "RAY_AUTH_MODE=token" in done.stderr
+    assert not (tmp_path / "ray").exists()  # no search started
 
 
 def test_bad_space_or_cluster_fails_before_any_trial(split_dir, tmp_path, monkeypatch, capsys):
