@@ -123,9 +123,9 @@ def ray_node(log: Path, num_cpus: int, head: str | None = None):
     ray_bin = str(Path(sys.executable).parent / "ray")
     if not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ) or (Path.home() / ".ray/auth_token").exists()):
         subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True)
-    port = free_port()
     args = [ray_bin, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats",  # ports: 2 nodes, 1 host
             "--min-worker-port=0", "--max-worker-port=0", f"--dashboard-agent-listen-port={free_port()}"]
+    port = None if head else free_port()  # the head's GCS
     args += [f"--address={head}"] if head else ["--head", f"--port={port}", f"--dashboard-port={free_port()}"]
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a node never joins whatever this process uses

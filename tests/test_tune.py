@@ -42,7 +42,6 @@ def _env(tmp: Path, address: str) -> dict:
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                RAY_AUTH_MODE="token",  # the cluster's nodes use token authentication
                TUNE_GLOBAL_CHECKPOINT_S="0")  # the search's state is saved at every step
-    env.pop("RAY_API_SERVER_ADDRESS", None)
     return env
 
 
