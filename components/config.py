@@ -159,7 +159,7 @@ class ModelParams(_Section):
     predictor_height: int = Field(64, ge=16)  # ... and to this before P, which only sees x_l (paper: 384)
     predictor_width: int = Field(32, ge=8)  # (paper: 128)
     feature_dim: int = Field(512, ge=1)  # 1x1 conv after pooling (paper: 2048 -> 512)
-    last_stride: Literal[1, 2] = 1  # ResNet layer4 stride: 1 = the re-id "last stride 1" trick (paper)
+    last_stride: Literal[1, 2] = 2  # ResNet layer4 stride: 1 = the re-id "last stride 1" trick (paper), 2 = cheaper
     reid: Literal["resnet", "rife"] = "resnet"  # F: the paper's ResNet module or RIFE ("RIFE + PRI")
     sr: SRParams = SRParams()
     ffsr: FFSRParams = FFSRParams()
@@ -195,11 +195,11 @@ class TrainParams(_Section):
     images_per_identity: int = Field(4, ge=1)  # K
     flip_p: float = Field(0.5, ge=0, le=1)  # joint horizontal flip of {x_h, x_l, x_sl}
     seed: int = 0
-    lr_backbone: float = Field(0.01, gt=0)  # Adam (0.9, 0.999) learning rate of the backbones
-    lr_head: float = Field(0.1, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers)
-    lr_decay: float = Field(0.1, gt=0, le=1)  # after T1 both rates are multiplied by this
-    pretrain_epochs: int = Field(2, ge=1)  # T1 (paper: 20; CAVIAR 60)
-    epochs: int = Field(2, ge=1)  # T2 (paper: 60; CAVIAR 140)
+    lr_backbone: float = Field(0.001, gt=0)  # Adam (0.9, 0.999) learning rate of the backbones (paper: 0.01)
+    lr_head: float = Field(0.0003, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers) (paper: 0.1)
+    lr_decay: float = Field(1.0, gt=0, le=1)  # after T1 both rates are multiplied by this (paper: 0.1)
+    pretrain_epochs: int = Field(1, ge=1)  # T1 (paper: 20; CAVIAR 60)
+    epochs: int = Field(1, ge=1)  # T2 (paper: 60; CAVIAR 140)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
     label_refresh: Literal["cached", "naive"] = "cached"  # label bank every omega epochs, or every step
     track_images: int = Field(4, ge=0)  # training images whose r_p is logged every joint epoch (PRI Fig. 3)
@@ -353,6 +353,18 @@ class Params(_Section):
                     f"fewer than the {syn.identities} identities of data.synthetic.identities "
                     "(some must stay for training)",
                 )
+        if self.data.layout == "synthetic":  # real datasets: checked by the training stages on the split
+            n_train = syn.identities - (self.split.test_identities or syn.identities - syn.train_identities)
+            if n_train < self.train.identities_per_batch * self.train.num_workers:
+                raise _KeyError(
+                    "split.test_identities", self.split.test_identities,
+                    f"leaves {n_train} training identities, but a batch needs train.identities_per_batch = "
+                    f"{self.train.identities_per_batch} per worker ({self.train.num_workers}); lower one of them")
+        if self.degrade.protocol == "mlr" and max(self.degrade.scales) > max(self.model.scales):
+            raise _KeyError(
+                "degrade.scales", self.degrade.scales,
+                f"factors up to the largest of model.scales ({max(self.model.scales):g}): PRI cannot recover "
+                "an image down-sampled further; add the factor to model.scales or drop it from degrade.scales")
         if self.degrade.protocol == "vr" and self.degrade.width_range[0] > self.degrade.hr_width:
             raise _KeyError(
                 "degrade.width_range", list(self.degrade.width_range),
@@ -432,13 +444,52 @@ def validate_params(raw: dict, source: str = "params.yaml") -> Params:
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                m, first = key_node.start_mark, seen[key]
+                raise ParamsError(f"{m.name}: line {m.line + 1}, column {m.column + 1}: key {key!r} is given twice "
+                                  f"(first at line {first.line + 1}); keep one")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    """The mapping in YAML file ``path``; ParamsError (one line, with line and column) for a missing,
+    malformed or empty file or a key given twice."""
     if not path.exists():
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params")
+    text = path.read_text()
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(text, Loader=_make_loader(path))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ParamsError(f"{path}: {where}not valid YAML ({exc.problem or exc.context})") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        raise ParamsError(f"{path}: holds no params (empty or only comments); restore it with "
+                          f"`git checkout {path.name}` or write its sections (see README, params)")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (data, degrade, ...), got {type(raw).__name__}")
+    return raw
+
+
+def _make_loader(path: Path):
+    """A loader class whose marks name ``path`` (PyYAML names a string stream '<unicode string>')."""
+
+    def loader(stream):
+        inst = _UniqueKeyLoader(stream)
+        inst.name = str(path)
+        return inst
+
+    return loader
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -462,9 +513,17 @@ def preset_overrides(name: str) -> dict:
 
 
 def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> Params:
-    """Read and validate params.yaml (the only reader of that file), optionally with a preset on top."""
+    """Read and validate params.yaml (the only reader of that file), optionally with a preset on top.
+
+    Every section must be there (a missing one is a truncated or foreign file); a key left out of a
+    section takes the code default, which is the shipped params.yaml's value (tests/test_config.py)."""
     path = Path(path)
     raw = _read_yaml(path)
+    missing = [name for name in Params.model_fields if name not in raw]
+    if missing:
+        raise ParamsError(f"{path}: section{'s' * (len(missing) > 1)} {', '.join(missing)} missing; copy "
+                          f"{'them' if len(missing) > 1 else 'it'} from the shipped params.yaml (`git show "
+                          f"HEAD:params.yaml`)")
     source = str(path)
     if preset:
         raw = merge(raw, preset_overrides(preset))

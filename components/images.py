@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -27,12 +28,39 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
 
 
+def _claimed_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the image header says, read by the format's plugin past Pillow's pixel limit."""
+    for factory, accept in Image.OPEN.values():
+        try:
+            ok = not accept or accept(data[:16])
+            if ok and not isinstance(ok, str):
+                with factory(io.BytesIO(data), "") as im:  # reads the header only
+                    return im.size
+        except Exception:
+            continue
+    return None
+
+
 def decode(data: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes (PNG, JPEG, BMP...) into an HxWx3 uint8 RGB array."""
+    if not data:
+        raise ImageError(f"{source}: no image data (0 bytes); replace or delete the file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # Pillow refuses images over 2 x MAX_IMAGE_PIXELS and only warns above MAX_IMAGE_PIXELS:
+        # decode refuses those too (one error line naming the file, no warning, no huge decode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
             im.load()  # force a full decode: truncated files fail here, not later
             rgb = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        size = _claimed_size(data)
+        claims = f"a {size[0]}x{size[1]} image ({size[0] * size[1]:,} pixels)" if size else "a huge image"
+        raise ImageError(f"{source}: its header claims {claims}, over Pillow's limit of "
+                         f"{Image.MAX_IMAGE_PIXELS:,} pixels; remove or resize it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(
             f"{source}: not a readable image ({exc}); replace or delete the file"
@@ -48,8 +76,12 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         data = path.read_bytes()
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied; make it readable (chmod a+r) or remove it") from None
     except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc}); replace or remove it") from None
+    if not data:
+        raise ImageError(f"{path}: empty file (0 bytes); replace or remove it")
     return decode(data, path)
 
 

@@ -1,7 +1,8 @@
-"""The training engine: one epoch of PRI or FFSR + RIFE, label refresh, precision, checkpoints.
+"""The training engine: one epoch of PRI or FFSR + RIFE, label refresh, checkpoints.
 
-Framework-free (no Ray, MLflow or DVC): the Ray Train worker (pipelines/ray_train.py)
-builds the model, loader and optimiser and calls one function per epoch::
+Framework-free (no Ray, MLflow or DVC); precision (autocast, the bf16 check) is
+components/precision.py. The Ray Train worker (pipelines/ray_train.py) builds the model,
+loader and optimiser and calls one function per epoch::
 
     optimizer = build_optimizer(model, params.train, phase)        # Adam, two lr groups (PRI Sec. 4.1)
     for epoch in range(start, epochs):
@@ -34,12 +35,9 @@ tensors and python values only: they are written atomically and read with
 
 from __future__ import annotations
 
-import contextlib
 import math
-import pickle
 import random
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -56,8 +54,10 @@ from components.data.dataset import SizeGroup, TripletBatch, TripletDataset, col
 from components.fsutil import atomic_path
 from components.losses import id_loss, prediction_loss, sr_loss, total_loss, triplet_loss
 from components.models.ffsr import ffsr_loss, foreground_mask
+from components.models.weights import torch_load
 from components.models.reid import ReIDOutput
 from components.models.rife import RIFE, DualStreamBlock, resolution_loss, rife_loss
+from components.precision import autocast, resolve_precision
 from components.soft_label import LabelBank, label_entropy
 
 PHASES = ("pretrain", "joint")
@@ -122,62 +122,6 @@ def _lr(optimizer: torch.optim.Optimizer, name: str, position: int) -> float:
             return float(g["lr"])
     groups = optimizer.param_groups
     return float(groups[min(position, len(groups) - 1)]["lr"])
-
-
-# ----------------------------------------------------------------------------- precision
-_bf16_cpu: bool | None = None
-
-
-def bf16_supported(device) -> bool:
-    """CUDA: torch.cuda.is_bf16_supported(). CPU: a tiny bf16 autocast conv + linear
-    forward / backward runs (probed once, cached; the global RNG is left untouched)."""
-    global _bf16_cpu
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    if _bf16_cpu is None:
-        try:
-            with torch.random.fork_rng(devices=[]):
-                conv, fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    y = fc(conv(torch.rand(2, 3, 8, 8)).mean((2, 3)))
-                y.float().sum().backward()
-            _bf16_cpu = y.dtype == torch.bfloat16 and bool(torch.isfinite(conv.weight.grad).all())
-        except Exception:  # any failure: no bf16 here
-            _bf16_cpu = False
-    return _bf16_cpu
-
-
-def resolve_precision(device, precision: str) -> str:
-    """The concrete precision ("bf16" | "fp16" | "fp32") that train.precision means on ``device``."""
-    device = torch.device(device)
-    if precision == "fp32":
-        return "fp32"
-    if precision == "bf16":
-        if device.type == "cuda" and not bf16_supported(device):
-            raise ValueError("train.precision = 'bf16': this GPU has no bf16 support; use 'auto', 'fp16' or 'fp32'")
-        return "bf16"
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(f"train.precision = 'fp16' needs a CUDA GPU (device is {device.type}); "
-                             "use 'auto', 'bf16' or 'fp32'")
-        return "fp16"
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if bf16_supported(device) else "fp16"
-        return "bf16" if device.type == "cpu" and bf16_supported(device) else "fp32"
-    raise ValueError(f"train.precision = {precision!r}: use 'auto', 'bf16', 'fp16' or 'fp32'")
-
-
-def autocast(device, precision: str):
-    """A context manager running the forward pass at ``precision`` (see :func:`resolve_precision`)."""
-    device = torch.device(device)
-    p = resolve_precision(device, precision)
-    if p == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
 
 # ----------------------------------------------------------------------------- PRI losses
@@ -604,14 +548,7 @@ def _load(path, what: str):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what} file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        why = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
-        raise ValueError(f"{path}: not a plain {what} file; torch.load(weights_only=True) refused it ({why})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path}: corrupt or not a torch file ({first}); delete it or point at another {what}") from None
+    return torch_load(path, str(path), f"delete it or point at a {what} file that `lrreid train` wrote")
 
 
 def _state_dict_cpu(model: nn.Module) -> dict[str, Tensor]:

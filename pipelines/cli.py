@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-from pipelines.common import USER_ERRORS, setup_logging
+from components.fsutil import Terminated
+from pipelines.common import USER_ERRORS, dvc_repro_hint, setup_logging
 
 # command -> module in pipelines/ (stages in the pipeline's order, then tools)
 STAGES = {
@@ -54,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.verbose:
             raise
-        print(f"lrreid {args.stage}: error: {exc}", file=sys.stderr)
+        print(f"lrreid {args.stage}: error: {exc}{dvc_repro_hint()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lrreid {args.stage}: interrupted; no partial output was kept", file=sys.stderr)
+        print(f"lrreid {args.stage}: interrupted; no partial output was kept{dvc_repro_hint()}", file=sys.stderr)
         return 130
+    except Terminated:  # SIGTERM during an atomic write: raised once it was cleaned up
+        print(f"lrreid {args.stage}: terminated (SIGTERM); no partial output was kept{dvc_repro_hint()}",
+              file=sys.stderr)
+        return 143
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -35,6 +36,20 @@ def setup_logging(verbose: bool = False) -> None:
 def add_params_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_report_arg(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--report", default=None,
+                        help=f"the stage's JSON report (default: {REPORTS}/{name}; with another --out, next to "
+                        "that table: --out x.parquet writes x.json, so a trial run leaves the pipeline's reports alone)")
+
+
+def report_path(args: argparse.Namespace, default_out: str, name: str) -> Path:
+    """--report, else reports/<name> for the pipeline's own --out, else next to the user's --out table."""
+    if args.report:
+        return Path(args.report)
+    out = Path(args.out)
+    return Path(REPORTS) / name if out.resolve() == Path(default_out).resolve() else out.with_suffix(".json")
 
 
 def params_from(args: argparse.Namespace) -> Params:
@@ -66,6 +81,16 @@ def timed(what: str):
 
 class StageError(RuntimeError):
     """A stage cannot go on; the message says what to change."""
+
+
+def dvc_repro_hint() -> str:
+    """Under DVC (it sets DVC_STAGE, e.g. `train_variant@rife_pri`, for a stage's command) the stage's
+    previous outputs were removed before it ran: a failing stage says how to get them back."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return ""
+    return (f"; dvc removed the stage's previous outputs before running it: `dvc checkout {stage}` restores "
+            "the cached ones, `git checkout -- <file>` its reports kept in git")
 
 
 # errors a user can fix: printed as one line, exit code 2, no traceback

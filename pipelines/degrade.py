@@ -3,6 +3,7 @@
 Inputs:  data/canonical.parquet
 Outputs: data/degraded.parquet (canonical columns + role 'hr'|'lr', scale,
          source_image_id), reports/degrade.json
+         (with another --out, x.parquet: the report goes next to it, x.json)
 Params:  degrade.protocol (mlr | vr | genuine), degrade.seed, degrade.hr_height,
          degrade.hr_width, degrade.scales (MLR), degrade.width_range (VR),
          degrade.lr_camera (genuine)
@@ -13,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 from components.data import table as T
 from components.data.protocols import degrade
 from components.fsutil import write_json
-from pipelines.common import CANONICAL, DEGRADED, REPORTS, add_params_arg, log, params_from, timed
+from pipelines.common import CANONICAL, DEGRADED, add_params_arg, add_report_arg, log, params_from, report_path, timed
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_params_arg(parser)
     parser.add_argument("--input", default=CANONICAL, help=f"canonical table (default: {CANONICAL})")
     parser.add_argument("--out", default=DEGRADED, help=f"output table (default: {DEGRADED})")
+    add_report_arg(parser, "degrade.json")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     }
     if params.degrade.protocol == "mlr":
         report["lr_images_per_scale"] = {f"x{s:g}": n for s, n in sorted(lr_scales.items())}
-    write_json(Path(REPORTS) / "degrade.json", report)
+    write_json(report_path(args, DEGRADED, "degrade.json"), report)
     for note in result.notes:
         log.info(note)
     for reason, n in result.dropped.items():

@@ -6,7 +6,9 @@
 
 The model is loaded with mlflow.pyfunc from the tracking store (MLFLOW_TRACKING_URI,
 default sqlite:///mlflow.db here); --model defaults to
-models:/<registry.model_name>@<registry.champion_alias> from params.yaml.
+models:/<registry.model_name>@<registry.champion_alias> from params.yaml; a local
+MLflow model folder works too. A missing model or store is said before MLflow is
+touched (no empty mlflow.db is left behind).
 
 Probe: any image file (RGBA and grayscale are converted to RGB), used at its own
 size: P predicts its scale r_p and G recovers it at r_p before F embeds it.
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> None:
     if args.top_k < 1 or args.batch_size < 1:
         raise StageError(f"--top-k {args.top_k} / --batch-size {args.batch_size}: use integers >= 1")
     model_uri = args.model or default_model_uri(args.params)
+    check_model_ref(model_uri)  # before MLflow is touched: it would create an empty mlflow.db
     probe = read_probe(Path(args.probe))
     gallery = read_gallery(Path(args.gallery))  # cheap checks before loading the model
     from pipelines.tracking import load_pyfunc
@@ -71,6 +74,28 @@ def default_model_uri(params_path: str) -> str:
 
     reg = load_params(params_path).registry if Path(params_path).is_file() else RegistryParams()
     return f"models:/{reg.model_name}@{reg.champion_alias}"
+
+
+def check_model_ref(model_uri: str) -> None:
+    """A local model (a path or file: URI) must be an MLflow model folder; a models:/ or runs:/ URI
+    needs a tracking store to look it up in (a missing sqlite store is not created)."""
+    from urllib.parse import urlparse
+
+    from pipelines.tracking import tracking_uri
+
+    scheme = urlparse(model_uri).scheme
+    if scheme in ("", "file"):
+        path = Path(urlparse(model_uri).path if scheme else model_uri)
+        if not (path / "MLmodel").is_file():
+            what = "is not an MLflow model folder (no MLmodel file)" if path.exists() else "does not exist"
+            raise StageError(f"--model {model_uri}: {what}; give an MLflow model folder, or a registered model "
+                             "as models:/<name>@<alias> (`dvc repro` registers one: its register stage)")
+    elif scheme in ("models", "runs"):
+        uri = tracking_uri()
+        store = Path(uri.removeprefix("sqlite:///"))
+        if uri.startswith("sqlite:///") and not store.is_file():
+            raise StageError(f"model {model_uri}: no MLflow store at {store} to load it from; run `dvc repro` "
+                             "(its register stage registers the model), or set MLFLOW_TRACKING_URI to the store")
 
 
 # ---------------------------------------------------------------------- inputs

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -73,14 +74,14 @@ def _chain_text(exc: BaseException | None) -> str:
     return text
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
+def start_local_ray(num_cpus: int | None = None, runtime_env: dict | None = None) -> None:
     """A new local Ray with the dashboard (Train V2 polls the state API) on a free port, and the
     state API address pinned to it for this process and every Ray process it starts."""
     import ray
 
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port, runtime_env=runtime_env)
 
 
 def free_port() -> int:
@@ -103,6 +104,18 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as exc:
         raise StageError(f"Ray cluster at {address} (RAY_ADDRESS / train.ray_address) does not answer within "
                          f"{timeout:g} s ({exc}); start it with `ray start --head` or fix the address") from None
+
+
+def check_batch_fits(params: Params, pairs: pa.Table) -> None:
+    """Fail before Ray starts when the training identities cannot fill one P x K batch on every worker."""
+    import pyarrow.compute as pc
+
+    t = params.train
+    n = len(pc.unique(pairs["person_id"]))
+    if n < t.identities_per_batch * t.num_workers:
+        raise StageError(f"the split has {n} training identities with an (x_l, x_h) pair, but a batch needs "
+                         f"train.identities_per_batch = {t.identities_per_batch} on each of train.num_workers = "
+                         f"{t.num_workers}; lower train.identities_per_batch, or split.test_identities")
 
 
 def check_resources(params: Params, nodes: list[dict] | None = None) -> int:
@@ -151,6 +164,7 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
 
     from pipelines.tracking import make_train_callback, tracking_uri
 
+    check_batch_fits(params, pairs)
     connect(params)
     check_resources(params)
     t = params.train
@@ -188,7 +202,7 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
     if result.error is not None:
         raise StageError(f"{phase} failed: {result.error}")
     metrics = dict(result.metrics or {})
-    if metrics.get("nonfinite"):
+    if metrics.get("stopped"):  # a NaN loss or a broken precision: the worker's stop report says why
         raise StageError(f"{phase} stopped: {metrics.get('error')}")
     if result.checkpoint is None:
         raise StageError(f"{phase} finished without a checkpoint in {storage}/{name}")
@@ -237,9 +251,11 @@ def train_loop_per_worker(config: dict) -> None:
     from components.models.ffsr_rife import FFSRRIFE
     from components.models.pri import build_pri
     from components.soft_label import LabelBank
+    from components.precision import PrecisionError, guard_onednn
     from components.training import (NonFiniteLossError, TrainingState, build_optimizer, refresh_label_bank,
-                                     resolve_precision, run_ffsr_rife_epoch, run_pri_epoch, tracked_scales, unwrap)
+                                     run_ffsr_rife_epoch, run_pri_epoch, tracked_scales, unwrap)
 
+    capped = guard_onednn()  # before this process's first convolution
     params = Params.model_validate(config["params"])
     phase = config["phase"]
     m, t = params.model, params.train
@@ -274,12 +290,20 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group, or the stage run again after a crash
         with checkpoint.as_directory() as d:
-            state.load(Path(d) / "state.pt")
+            if (Path(d) / "state.pt").exists():  # a stop before the first epoch's end leaves none
+                state.load(Path(d) / "state.pt")
         if "generator" in state.extra:
             generator.set_state(state.extra["generator"])
         if rank == 0:
             log.info("[%s] resuming after epoch %d", phase, state.epoch + 1)
-    precision = resolve_precision(device, t.precision)
+    if capped and rank == 0:
+        log.info("%s", capped)
+    saved = None  # rank 0: the folder of the last epoch's checkpoint (a stop report re-sends it)
+    try:
+        precision = worker_precision(model, loader, phase, device, t.precision)
+    except PrecisionError as exc:  # before training; the driver raises it as a StageError
+        report_stop(str(exc), -1, rank, saved)
+        return
     epochs = phase_epochs(params, phase)
     validation = None
     if config.get("validation") is not None and rank == 0:
@@ -307,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
                                               loss=params.loss, device=device, precision=precision,
                                               hr_width=params.degrade.hr_width, sigma=m.ffsr.sigma)
         except NonFiniteLossError as exc:  # stop now: a retry from the checkpoint would fail the same way
-            ray.train.report({"epoch": epoch, "nonfinite": 1.0, "error": str(exc)})
+            report_stop(f"{exc} (precision {precision}); {NAN_HINT[precision]}", epoch, rank, saved)
             return
         metrics.update(extra, epoch=epoch, epochs_done=config.get("epoch_offset", 0) + epoch + 1,
                        train_start_unix=train_start_unix,
@@ -328,10 +352,59 @@ def train_loop_per_worker(config: dict) -> None:
             # logging, not print: Train V2 tees a worker's print to stdout and to its logger (every line twice)
             log.info("[%s] epoch %d/%d  loss %.4f  %.1f samples/s  %.1f s", phase, epoch + 1, epochs,
                      metrics["L"], metrics["samples_per_s"], metrics["epoch_seconds"])
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                state.save(Path(tmp) / "state.pt")
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+        if rank == 0:
+            previous, saved = saved, tempfile.mkdtemp(prefix="lrreid-ckpt-")
+            state.save(Path(saved) / "state.pt")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(saved))
+            if previous:
+                shutil.rmtree(previous, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+    if saved:
+        shutil.rmtree(saved, ignore_errors=True)
+
+
+NAN_HINT = {
+    "bf16": "try train.precision: fp32 (bf16 kernels of some CPUs return NaN), then lower learning rates",
+    "fp16": "try train.precision: bf16 or fp32 (fp16 overflows), then lower learning rates",
+    "fp32": "try lower train.lr_backbone / train.lr_head, or a smaller loss weight",
+}
+
+
+def report_stop(message: str, epoch: int, rank: int, saved: str | None) -> None:
+    """End a Train run with an error the driver raises: rank 0 re-sends the last epoch's checkpoint
+    (or an empty one) with the message, so it is the run's result (Train V2's result holds the
+    metrics of the latest checkpoint) and a re-run resumes after the last good epoch."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics = {"epoch": epoch, "stopped": 1.0, "error": message}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    folder = saved or tempfile.mkdtemp(prefix="lrreid-ckpt-")
+    (Path(folder) / "stopped.txt").write_text(message + "\n")
+    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def worker_precision(model, loader, phase: str, device, requested: str) -> str:
+    """train.precision on this worker's device; bf16 on a CPU only where it matches fp32 on the model's
+    own layers and one real batch's shapes (components.precision)."""
+    from components.models.pri import PRI
+    from components.precision import bf16_fault, checked_precision, layer_inputs
+    from components.training import unwrap
+
+    net = unwrap(model)
+
+    def forward():
+        batch = next(iter(loader)).to(device)
+        if isinstance(net, PRI):
+            return net(batch, mode=phase, generator=torch.Generator().manual_seed(0))
+        x = torch.cat([batch.x_h, batch.x_h])  # FFSR and RIFE see 2B images of the HR size
+        return net.ffsr(x, tuple(batch.x_h.shape[-2:])), net.rife(x)
+
+    return checked_precision(device, requested, lambda: bf16_fault(layer_inputs(net, forward), device))
 
 
 # ---------------------------------------------------------------------- one stage

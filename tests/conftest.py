@@ -19,6 +19,10 @@ import pytest
 # most of their time waiting for that poll. Set before any Ray starts (subprocesses inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+from components.precision import guard_onednn  # noqa: E402
+
+guard_onednn()  # as every entry point does, before the first convolution (AMX CPUs: oneDNN below AMX)
+
 from components import images
 from components.data import table as T
 

@@ -28,6 +28,9 @@ def test_repository_params_are_valid():
         ({"degrade": {"width_range": [32, 8]}}, "degrade.width_range = [32, 8]", "lo < hi"),
         ({"ablation": {"variants": ["srgan"]}}, "ablation.variants", "ffsr_rife"),
         ({"ablation": {"variants": ["rife_pri", "rife_pri"]}}, "ablation.variants", "each variant once"),
+        ({"degrade": {"scales": [2, 3, 8]}}, "degrade.scales = [2.0, 3.0, 8.0]", "largest of model.scales (4)"),
+        ({"split": {"test_identities": 495}}, "split.test_identities = 495", "leaves 5 training identities"),
+        ({"train": {"identities_per_batch": 64, "num_workers": 8}}, "split.test_identities = None", "(8)"),
     ],
 )
 def test_bad_values_give_one_line(raw, key, fragment):
@@ -50,6 +53,10 @@ def test_gamma_rejected(value):
         parse_gamma(value)
 
 
+def _shipped() -> str:
+    return open("params.yaml").read()
+
+
 def test_load_params_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
@@ -58,8 +65,59 @@ def test_load_params_file_errors(tmp_path):
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
     ok = tmp_path / "p.yaml"
-    ok.write_text(yaml.safe_dump({"model": {"gamma": "1/3"}}))
+    ok.write_text(_shipped().replace("  gamma: 1 ", '  gamma: "1/3" '))
     assert load_params(ok).model.gamma == pytest.approx(1 / 3)
+
+
+def test_shipped_params_are_the_code_defaults():
+    """One source of defaults: a key left out of params.yaml takes the value the shipped file has."""
+    from components.config import Params
+
+    assert load_params("params.yaml") == Params()
+
+
+def test_a_key_left_out_takes_the_shipped_value(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(_shipped().replace("  lr_head: 0.0003", "").replace("  last_stride: 2", ""))
+    p = load_params(path)
+    assert (p.train.lr_head, p.model.last_stride) == (0.0003, 2)
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("", ["holds no params (empty or only comments)"]),
+    ("# only a comment\n\n", ["holds no params"]),
+    ("- a\n- b\n", ["expected a mapping of sections"]),
+    (None, ["line {twice}, column 3", "key 'lr_head' is given twice (first at line {first})"]),
+    ("data:\n  layout: synthetic\n  layout: market1501\n", ["line 3, column 3", "'layout' is given twice"]),
+    ("data:\n  layout: [synthetic\nsplit: {}\n", ["line 3, column 6", "not valid YAML"]),
+    ("data:\n\tlayout: synthetic\n", ["line 2, column 1", "'\\t'"]),
+    ("data: {layout: synthetic}\n", ["sections degrade, split", "missing", "git show HEAD:params.yaml"]),
+])
+def test_params_file_problems_name_the_place(tmp_path, text, fragments):
+    if text is None:  # the shipped file with a key given twice
+        lines = _shipped().splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if line.startswith("  lr_head:"))
+        text = "".join(lines[:at + 1] + ["  lr_head: 0.1\n"] + lines[at + 1:])
+        fragments = [f.format(first=at + 1, twice=at + 2) for f in fragments]
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in msg
+
+
+def test_an_empty_params_file_stops_the_data_stages(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("# emptied by mistake\n")
+    for stage in ("ingest", "degrade", "split"):
+        assert main([stage, "--no-progress"]) == 2
+        assert "holds no params" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
 def test_paper_preset_applies_the_papers_sizes():

@@ -113,7 +113,7 @@ def test_evaluate_stage_errors(tmp_path, monkeypatch):
     from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(validate_params({}).model_dump(mode="json")))
     assert main(["evaluate", "--no-progress"]) == 2  # no model: a one-line error, exit 2
 
 

@@ -1,9 +1,15 @@
 """The one image module: decode errors name the file; the stored PNG is exact and readable."""
 
 import hashlib
+import os
+import struct
+import warnings
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from components import images
 
@@ -41,3 +47,58 @@ def test_gray_and_rgba_become_rgb():
 def test_downsample_sizes(r, expected):
     x = np.zeros((128, 64, 3), np.uint8)
     assert images.downsample(x, r).shape[:2] == expected
+
+
+def huge_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A 65-byte PNG whose header claims width x height pixels (no pixel data)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + images._png_chunk(b"IHDR", ihdr)
+            + images._png_chunk(b"IDAT", zlib.compress(b"")) + images._png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [20000, 10000])  # over 2x Pillow's limit: its error; over 1x: its warning
+def test_decompression_bomb_names_file_and_claimed_size(tmp_path, side):
+    path = tmp_path / "0001_c1s1_000001_00.png"
+    path.write_bytes(huge_png(side, side))
+    for action in ("error", "ignore"):  # Pillow's warning raised (as images.py sets it), or silenced
+        with warnings.catch_warnings():
+            warnings.simplefilter(action, Image.DecompressionBombWarning)
+            with pytest.raises(images.ImageError) as e:
+                images.read_image(path)
+        assert str(e.value) == (f"{path}: its header claims a {side}x{side} image ({side * side:,} pixels), "
+                                f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels; remove or resize it")
+
+
+def test_empty_and_unreadable_files_are_named(tmp_path, monkeypatch):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(images.ImageError, match=r"empty.jpg: empty file \(0 bytes\); replace or remove it$"):
+        images.read_image(empty)
+    with pytest.raises(images.ImageError, match=r"no image data \(0 bytes\)"):
+        images.decode(b"", "table.parquet:0001_c1")
+
+    locked = tmp_path / "locked.jpg"
+    Image.new("RGB", (4, 8)).save(locked)
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads it anyway: fail the read as it fails for a user
+        real = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(self))) if self == locked else real(self))
+    with pytest.raises(images.ImageError, match=r"locked.jpg: permission denied; make it readable"):
+        images.read_image(locked)
+
+
+def test_query_with_a_huge_probe_is_one_error_line(tmp_path, capsys):
+    """`lrreid query`: the probe goes through read_image too (checked before the model loads)."""
+    from pipelines.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("")  # a local model folder; never loaded
+    (tmp_path / "gallery").mkdir()
+    Image.new("RGB", (8, 16)).save(tmp_path / "gallery" / "0001_c1s1_000001_00.png")
+    probe = tmp_path / "probe.png"
+    probe.write_bytes(huge_png())
+    assert main(["query", "--model", str(tmp_path / "model"), "--gallery", str(tmp_path / "gallery"), str(probe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lrreid query: error: {probe}: its header claims a 20000x20000 image (400,000,000 pixels), "
+                   f"over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels; remove or resize it"], err

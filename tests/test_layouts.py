@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from components.data.layouts import LAYOUTS, LayoutError, import_layout
 from components.data.table import CANONICAL_SCHEMA
-from components.images import ImageError, decode, encode_png
+from components.images import ImageError, _png_chunk, decode, encode_png
 
 
 def pixels(seed: int, h: int = 12, w: int = 6) -> np.ndarray:
@@ -321,3 +326,55 @@ def test_empty_dataset(tmp_path):
         (tmp_path / folder).mkdir()
     with pytest.raises(LayoutError, match="no images"):
         imp(tmp_path, "market1501")
+
+
+def huge_png(side: int = 20000) -> bytes:
+    """A 65-byte PNG whose header claims side x side pixels (no pixel data)."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"")) \
+        + _png_chunk(b"IEND", b"")
+
+
+def spoil(path: Path, kind: str, monkeypatch) -> str:
+    """Make the image at ``path`` bad in the way ``kind`` says; return what its error says after the name."""
+    if kind == "huge":
+        path.write_bytes(huge_png())
+        return "its header claims a 20000x20000 image (400,000,000 pixels)"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return "empty file (0 bytes)"
+    if kind == "unreadable":  # a read that fails for root too: reading address 0 of a process is EIO
+        path.unlink()
+        path.symlink_to("/proc/self/mem")
+        return "cannot read (Input/output error)"
+    path.chmod(0)  # "locked"
+    if os.access(path, os.R_OK):  # root reads it anyway: fail the read as it fails for a user
+        real = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(self))) if self.name == path.name else real(self))
+    return "permission denied; make it readable (chmod a+r) or remove it"
+
+
+@pytest.mark.parametrize("kind", ["huge", "empty", "unreadable", "locked"])
+def test_bad_image_stops_ingest_with_one_line(tmp_path, monkeypatch, capsys, kind):
+    """`lrreid ingest`: the file named, what is wrong, exit 2, no traceback, nothing written."""
+    from components.config import Params
+    from pipelines.cli import main
+
+    if kind == "unreadable" and not Path("/proc/self/mem").is_file():
+        pytest.skip("needs Linux's /proc/self/mem")
+    raw = tmp_path / "raw"
+    make_market(raw)
+    bad = raw / "bounding_box_train" / "0002_c2s1_000301_01.jpg"
+    words = spoil(bad, kind, monkeypatch)
+    with pytest.raises(ImageError, match=re.escape(f"{bad}: {words}")):
+        imp(raw, "market1501")
+
+    monkeypatch.chdir(tmp_path)
+    params = {name: {} for name in Params.model_fields} | {"data": {"layout": "market1501"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    capsys.readouterr()
+    assert main(["ingest", "--no-progress", "--input", "raw", "--out", "data/canonical.parquet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lrreid ingest: error: raw/bounding_box_train/{bad.name}: {words}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "raw"]  # no data/, no reports/

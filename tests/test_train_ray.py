@@ -194,3 +194,30 @@ def test_workers_that_cannot_be_placed_fail_before_training(local_ray, tmp_path)
     with pytest.raises(StageError, match="no node has 2 GPUs \\(the most is 1\\)"):
         check_resources(tiny_params(tmp_path, use_gpu=True, gpus_per_worker=2), gpu_nodes)
     assert check_resources(tiny_params(tmp_path, use_gpu=True, num_workers=2, gpus_per_worker=1), gpu_nodes) == 2
+
+
+def test_a_nan_stop_reaches_the_driver_with_its_precision(local_ray, split_dir, workdir):
+    """A NaN loss stops training at once; the driver raises the worker's message (Train V2 keeps only
+    checkpointed reports: before the fix it said 'finished without a checkpoint', or kept the last
+    good epoch's model and said nothing). A re-run resumes after the last good epoch."""
+    from pipelines.common import StageError
+    from pipelines.ray_train import run_stage
+
+    params = tiny_params(workdir / "ray", lr_backbone=1e30, lr_head=1e30, max_failures=1)
+    with pytest.raises(StageError) as err:
+        run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt", report=workdir / "pre.json")
+    msg = str(err.value)
+    assert msg.startswith("pretrain stopped: epoch 0, step 1: L_sr is nan (precision fp32); try lower train.lr_")
+    assert "\n" not in msg and not (workdir / "pre.pt").exists()
+
+
+def test_a_split_too_small_for_one_batch_fails_before_ray(split_dir, tmp_path):
+    from pipelines.common import StageError
+    from pipelines.ray_train import check_batch_fits
+
+    pairs = T.read_table(split_dir / "pairs.parquet", T.PAIRS_SCHEMA)
+    check_batch_fits(tiny_params(tmp_path, identities_per_batch=10), pairs)  # 10 training identities
+    with pytest.raises(StageError, match=r"the split has 10 training identities .* train.identities_per_batch = 11"):
+        check_batch_fits(tiny_params(tmp_path, identities_per_batch=11), pairs)
+    with pytest.raises(StageError, match=r"on each of train.num_workers = 2"):
+        check_batch_fits(tiny_params(tmp_path, identities_per_batch=6, num_workers=2), pairs)

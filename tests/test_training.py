@@ -82,9 +82,13 @@ def test_build_optimizer_decays_joint_rates():
 
 
 # ---------------------------------------------------------------------- precision
-def test_precision_resolution_on_cpu():
-    assert T.bf16_supported(CPU)  # this machine runs bf16 autocast on its CPU
-    assert T.resolve_precision(CPU, "auto") == "bf16" and T.resolve_precision(CPU, "fp32") == "fp32"
+@pytest.mark.parametrize("runs_bf16", [True, False])
+def test_precision_resolution_on_cpu(monkeypatch, runs_bf16):
+    from components import precision
+
+    monkeypatch.setattr(precision, "_cpu_runs_bf16", lambda: runs_bf16)
+    assert T.resolve_precision(CPU, "auto") == ("bf16" if runs_bf16 else "fp32")
+    assert T.resolve_precision(CPU, "fp32") == "fp32" and T.resolve_precision(CPU, "bf16") == "bf16"
     with pytest.raises(ValueError, match="train.precision = 'fp16'"):
         T.resolve_precision(CPU, "fp16")
     with pytest.raises(ValueError, match="train.precision"):
@@ -122,7 +126,14 @@ def test_pretrain_and_joint_epochs_return_every_key(split):
 
 
 @pytest.mark.parametrize("phase, precision", [("joint", "fp32"), ("pretrain", "bf16")])
-def test_loss_falls(split, phase, precision):
+def test_loss_falls(split, phase, precision, monkeypatch):
+    """bf16: autocast through the whole step, with convolutions simulated sound (tests/faults.py:
+    torch 2.14.1's real bf16 kernels fail at random on some CPUs, which the suite must not depend on)."""
+    from tests import faults
+
+    if precision == "bf16":
+        monkeypatch.setattr(nn.Conv2d, "forward", nn.Conv2d.forward)  # put back after the test
+        faults.sound_bf16()
     loader = _loader(split)
     pri = _pri(loader.dataset.num_classes)
     opt = T.build_optimizer(pri, SLOW_LR, phase)

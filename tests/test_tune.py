@@ -61,8 +61,11 @@ def _params(tmp: Path, **tune) -> dict:
 
 
 def _write(tmp: Path, params: dict) -> Path:
+    """params.yaml: the shipped defaults with ``params`` on top (every section, as load_params wants)."""
+    from components.config import Params, merge
+
     path = tmp / "params.yaml"
-    text = yaml.safe_dump(params, sort_keys=False)
+    text = yaml.safe_dump(merge(Params().model_dump(mode="json"), params), sort_keys=False)
     path.write_text("# a comment --apply must keep\n" + text.replace("train:\n", "train:  # the base of every trial\n"))
     return path
 

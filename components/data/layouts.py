@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from components.images import IMAGE_SUFFIXES, ImageError, decode, encode_png, from_array
+from components.images import IMAGE_SUFFIXES, ImageError, encode_png, from_array, read_image
 from components.data.table import (
     CAMERA_ID,
     CANONICAL_SCHEMA,
@@ -307,12 +307,8 @@ def list_caviar(raw_dir: Path) -> Listing:
 
 
 def _load_one(raw_dir: Path, entry: Entry) -> tuple[bytes, int, int]:
-    """PNG bytes, height, width of one entry; an unreadable image raises ImageError."""
-    if entry.load is not None:
-        arr = entry.load()
-    else:
-        path = raw_dir / entry.path
-        arr = decode(path.read_bytes(), path)
+    """PNG bytes, height, width of one entry; an unreadable image raises ImageError naming the file."""
+    arr = entry.load() if entry.load is not None else read_image(raw_dir / entry.path)
     return encode_png(arr), arr.shape[0], arr.shape[1]
 
 

@@ -6,6 +6,7 @@
 the param (``what``), the path, and what does not fit:
 
 - missing file -> FileNotFoundError saying how to get the file or to set it to null;
+- a file torch.save did not write (text, an image...) or a damaged one -> ValueError;
 - not a plain tensor state dict (pickled objects are refused) -> ValueError;
 - missing / unexpected keys or wrong shapes -> ValueError listing a few of them.
 """
@@ -23,6 +24,40 @@ def _shape(v) -> str:
     return str(tuple(v.shape)) if torch.is_tensor(v) else type(v).__name__
 
 
+# how every file torch.save writes starts: a zip archive (torch >= 1.6), or the legacy pickle's magic number
+TORCH_SAVE_HEADS = (b"PK\x03\x04", b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")
+
+
+def _looks_like(head: bytes) -> str:
+    """A few words on what a file starting with ``head`` is, for an error message."""
+    if not head:
+        return "an empty file"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"a text file starting {head[:20].decode()!r}"
+    return f"a binary file starting {head[:8]!r}"
+
+
+def torch_load(path: str | Path, name: str, fix: str):
+    """``torch.load(path, weights_only=True)`` on the CPU; a file it cannot read raises one
+    ValueError line: ``name``, what is wrong with the file, then ``fix``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises all kinds of errors (IndexError, KeyError...) on foreign bytes
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError as err:
+            raise ValueError(f"{name}: cannot read ({err.strerror or err}); {fix}") from None
+        if not head.startswith(TORCH_SAVE_HEADS):
+            raise ValueError(f"{name}: not a file torch.save wrote ({_looks_like(head)}); {fix}") from None
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            why = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
+            raise ValueError(f"{name}: not a plain state dict of tensors; torch.load(weights_only=True) "
+                             f"refused it ({why or first}); {fix}") from None
+        raise ValueError(f"{name}: a damaged torch.save file ({first}); {fix}") from None
+
+
 def read_state_dict(path: str | Path, what: str, hint: str = "") -> dict:
     """The state dict stored at ``path`` (checked, unwrapped, "module." prefixes dropped)."""
     path = Path(path)
@@ -31,15 +66,7 @@ def read_state_dict(path: str | Path, what: str, hint: str = "") -> dict:
             f"{what} = {str(path)!r}: no such file. Nothing is downloaded at run time: "
             f"{hint or 'put the state dict there'}, or set {what}: null for a random init"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        why = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
-        raise ValueError(f"{what} = {str(path)!r}: not a plain state dict of tensors; "
-                         f"torch.load(weights_only=True) refused it ({why or 'unreadable'})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{what} = {str(path)!r}: not readable by torch.load: {first}") from None
+    state = torch_load(path, f"{what} = {str(path)!r}", hint or "give a state dict saved with torch.save")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
