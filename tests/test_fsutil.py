@@ -89,6 +89,15 @@ def test_sigterm_during_ingest_write_is_one_line_and_leaves_nothing(tmp_path):
 
 
 def test_sigterm_after_the_write_waits_for_the_rename(tmp_path):
+    # as in a stage process: SIGTERM's default action (an in-process Ray driver installs its own handler)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _sigterm_after_the_write(tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_after_the_write(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated) as e:
         with _SigtermGuard() as guard:

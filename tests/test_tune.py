@@ -65,7 +65,9 @@ def _write(tmp: Path, params: dict) -> Path:
     from components.config import Params, merge
 
     path = tmp / "params.yaml"
-    text = yaml.safe_dump(merge(Params().model_dump(mode="json"), params), sort_keys=False)
+    full = merge(Params().model_dump(mode="json"), params)
+    full["tune"]["space"] = params.get("tune", {}).get("space", full["tune"]["space"])  # the space is replaced
+    text = yaml.safe_dump(full, sort_keys=False)
     path.write_text("# a comment --apply must keep\n" + text.replace("train:\n", "train:  # the base of every trial\n"))
     return path
 
