@@ -221,6 +221,7 @@ class EvaluateParams(_Section):
     max_rank: int = Field(50, ge=1)  # CMC length
     predictor: Literal["adaptive", "size_based", "ideal", "fixed"] = "adaptive"  # the headline row
     figure_probes: int = Field(4, ge=0)  # probes drawn in the ranked-list picture
+    bootstrap: int = Field(10000, ge=100)  # identity-bootstrap resamples of the paired intervals
 
 
 class RegistryParams(_Section):

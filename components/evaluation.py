@@ -165,8 +165,9 @@ def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_ran
                 idx = ideal_scale(emb.all_scales, torch.as_tensor(q_pids), g, torch.as_tensor(g_pids[draw]))
             picked.append(idx)
             results.append(evaluate_features(emb.all_scales[torch.arange(Q), idx], g, q_pids, g_pids[draw], q_cams,
-                                             g_cams[draw], max_rank=max_rank))
-        rows[name] = {**_summary(results), "scales": pri.scales.cpu()[picked[0]].numpy()}  # draw 0's choice
+                                             g_cams[draw], max_rank=max_rank, per_query=True))
+        scale = pri.scales.cpu()[torch.stack(picked)].numpy()  # [D, Q]
+        rows[name] = {**_summary(results), "scales": scale[0], "scale": scale}  # scales: draw 0's choice
     rows["Bicubic + F"] = score_features(emb.bicubic, emb.gallery, test, max_rank=max_rank)
     return rows
 
@@ -199,8 +200,8 @@ def score_features(probe: torch.Tensor, gallery: torch.Tensor, test: TestSet, *,
     """One row of the table for a model that gives its own probe and gallery features
     (e.g. FFSR + RIFE): the same protocol and summary as :func:`score`."""
     results = [evaluate_features(probe, gallery[d], test.q_pids, test.g_pids[d], test.q_cams, test.g_cams[d],
-                                 max_rank=max_rank) for d in test.draws]
-    return _summary(results)
+                                 max_rank=max_rank, per_query=True) for d in test.draws]
+    return {**_summary(results), "scale": None}
 
 
 @torch.no_grad()
@@ -221,11 +222,15 @@ def validate(pri: PRI, test: TestSet, *, hr_height: float, batch_size: int = 64,
 
 
 def _summary(results: list[dict]) -> dict:
+    """Mean / std over the draws; with per-query results also "first_rank" and "ap" [D, Q]."""
     cmc = np.stack([r["cmc"] for r in results]) * 100
     mAP = np.array([r["mAP"] for r in results]) * 100
     out = {"cmc": cmc.mean(0), "cmc_std": cmc.std(0), "repeats": len(results),
            "mAP": float(mAP.mean()), "mAP_std": float(mAP.std()),
            "num_skipped": int(results[0]["num_skipped"])}
+    if "first_rank" in results[0]:
+        out["first_rank"] = np.stack([r["first_rank"] for r in results])
+        out["ap"] = np.stack([r["ap"] for r in results])
     for k in (1, 5, 10):
         if k <= cmc.shape[1]:
             out[f"rank{k}"] = float(cmc[:, k - 1].mean())

@@ -11,6 +11,10 @@
 - ``image_grid``: a plain grid of images, e.g. LR probe | recovered x1..x4 | HR.
 - ``search_scatter``: a hyperparameter search: the metric of every trial against
   each searched parameter (one panel per parameter).
+- ``predictor_confusion``: P's predicted scale r_p per true down-sampling factor,
+  a heatmap of row fractions with the counts written in (``components.diagnostics``).
+- ``forest_plot``: paired differences (e.g. rank-1 of row A minus row B) with
+  their 95% intervals, one line per comparison.
 
 Images are torch tensors ``[3, H, W]`` (or ``[H, W, 3]`` arrays) of floats in
 [0, 1], or ``H x W x 3`` uint8 arrays. Figures are drawn with matplotlib's Agg
@@ -36,9 +40,11 @@ MATCH_COLOR = (0.0, 0.8, 0.0)      # frame of a true match (green)
 MISMATCH_COLOR = (0.85, 0.1, 0.1)  # frame of a wrong match (red)
 CHOSEN_COLOR = (0.85, 0.1, 0.1)    # caption of the chosen scale r_p
 DPI = 100
+SIGNIFICANT_COLOR = "tab:red"     # forest plot: a 95% interval that excludes 0
+NOT_SIGNIFICANT_COLOR = "0.45"    # one that includes 0 (grey)
 
 __all__ = ["cmc_chart", "ranked_list", "scale_histogram", "scale_histogram_table",
-           "r_p_evolution", "image_grid", "search_scatter"]
+           "r_p_evolution", "image_grid", "search_scatter", "predictor_confusion", "forest_plot"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -427,3 +433,98 @@ def search_scatter(trials: list[dict], keys: Sequence[str], path, *, metric: str
     fig.suptitle(f"{title}: {len(scored)} trials with {metric}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def predictor_confusion(confusion, true_scales: Sequence[float], scales: Sequence[float], path, *,
+                        title: str = "Predicted scale r_p per true down-sampling factor") -> Path:
+    """A heatmap of ``confusion`` [T, N] (probes per true factor and predicted scale, as
+    ``components.diagnostics.predictor_diagnostics`` returns): colour = the fraction of
+    its row, each cell annotated with its count and that fraction. Rows are labelled by
+    ``true_scales`` (T), columns by ``scales`` (N). A row without probes stays blank."""
+    counts = np.asarray(confusion, dtype=float)
+    if counts.ndim != 2 or counts.size == 0:
+        raise ValueError(f"confusion has shape {counts.shape}: expected [true factors, scales]")
+    if not np.all(np.isfinite(counts)) or counts.min() < 0 or np.any(counts != np.round(counts)):
+        raise ValueError("confusion: expected counts (non-negative integers)")
+    if counts.sum() == 0:
+        raise ValueError("confusion: no probe counted")
+    for name, labels, n, axis in (("true_scales", true_scales, counts.shape[0], "rows"),
+                                  ("scales", scales, counts.shape[1], "columns")):
+        if len(labels) != n:
+            raise ValueError(f"{name}: {len(labels)} labels for the {n} {axis} of confusion")
+    totals = counts.sum(1, keepdims=True)
+    fractions = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    rows, cols = counts.shape
+    fig = Figure(figsize=(1.2 * cols + 2.6, 0.9 * rows + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for i in range(rows):
+        for j in range(cols):
+            ax.text(j, i, f"{int(counts[i, j])}\n{100 * fractions[i, j]:.0f}%", ha="center", va="center",
+                    fontsize=9, color="white" if fractions[i, j] > 0.6 else "black")
+    ax.set_xticks(range(cols), [f"x{float(s):g}" for s in scales])
+    ax.set_yticks(range(rows), [f"x{float(t):g} ({int(n)})" for t, n in zip(true_scales, totals[:, 0])])
+    ax.set_xlabel("predicted r_p")
+    ax.set_ylabel("true down-sampling factor (probes)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="fraction of the row")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def forest_plot(rows: Sequence[tuple], path, *, title: str = "Paired differences (95% CI)",
+                xlabel: str = "difference") -> Path:
+    """A forest plot of paired differences, one line per ``(label, mean, low, high, p_value)``
+    (top to bottom in the given order): the mean as a dot, the interval [low, high] as a bar,
+    a dashed vertical line at 0, the label on the left and "mean [low, high]" (and the
+    p-value, unless None or NaN) on the right. Intervals that exclude 0 are drawn in
+    ``SIGNIFICANT_COLOR``, the others grey."""
+    parsed = [_forest_row(i, row) for i, row in enumerate(rows or [])]
+    if not parsed:
+        raise ValueError("rows: expected at least one (label, mean, low, high, p_value), got none")
+    n = len(parsed)
+    fig = Figure(figsize=(8.0, 0.42 * n + 1.4))
+    ax = fig.add_subplot()
+    y = np.arange(n)[::-1]  # first row on top
+    for yi, (_, mean, low, high, _) in zip(y, parsed):
+        color = SIGNIFICANT_COLOR if low > 0 or high < 0 else NOT_SIGNIFICANT_COLOR
+        ax.plot([low, high], [yi, yi], color=color, linewidth=2, solid_capstyle="butt")
+        ax.plot([mean], [yi], "o", color=color, markersize=6)
+    ax.axvline(0, color="black", linestyle="--", linewidth=1)
+    lo, hi = min(0.0, *(p[2] for p in parsed)), max(0.0, *(p[3] for p in parsed))
+    pad = 0.05 * (hi - lo) or 1.0
+    ax.set_xlim(lo - pad, hi + pad)  # 0 always in view
+    ax.set_yticks(y, [p[0] for p in parsed], fontsize=8)
+    ax.set_ylim(-0.6, n - 0.4)
+    right = ax.twinx()  # the numbers as the right axis' tick labels: kept inside the figure by tight_layout
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(y, [_forest_text(*p[1:]) for p in parsed], fontsize=8, family="monospace")
+    for tick, (_, _, low, high, _) in zip(right.get_yticklabels(), parsed):
+        tick.set_color(SIGNIFICANT_COLOR if low > 0 or high < 0 else "black")
+    right.tick_params(length=0)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="x", alpha=0.4)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _forest_row(i: int, row) -> tuple[str, float, float, float, float | None]:
+    """(label, mean, low, high, p_value) of rows[i], checked."""
+    try:
+        label, mean, low, high, p_value = row
+        mean, low, high = float(mean), float(low), float(high)
+        p_value = None if p_value is None or np.isnan(float(p_value)) else float(p_value)
+    except (TypeError, ValueError):
+        raise ValueError(f"rows[{i}] = {row!r}: expected (label, mean, low, high, p_value) numbers") from None
+    if not all(np.isfinite([mean, low, high])) or low > high:
+        raise ValueError(f"rows[{i}] ({label!r}): mean {mean}, interval [{low}, {high}]: expected finite "
+                         "numbers with low <= high")
+    if p_value is not None and not 0 <= p_value <= 1:
+        raise ValueError(f"rows[{i}] ({label!r}): p_value = {p_value}: expected a probability in [0, 1]")
+    return str(label), mean, low, high, p_value
+
+
+def _forest_text(mean: float, low: float, high: float, p_value: float | None) -> str:
+    text = f"{mean:+5.1f} [{low:+5.1f}, {high:+5.1f}]"
+    return text if p_value is None else f"{text}  p={p_value:.2g}"

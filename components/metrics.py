@@ -34,6 +34,8 @@ zero; torchreid's ``argsort`` breaks them arbitrarily.
 :func:`evaluate` takes a distance matrix (numpy array, ``np.memmap`` or torch
 tensor); :func:`evaluate_features` takes the features and computes Euclidean
 distances chunk by chunk, so the num_q x num_g matrix never exists in memory.
+Both take ``per_query=True`` to also return each query's first-match rank and
+AP (for paired, per-probe comparisons); the default does none of that work.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ _MAX_PASSES = 128
 _DISTANCE_BLOCK_ELEMENTS = 2**24
 
 
-def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> dict:
+def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
+             per_query: bool = False) -> dict:
     """CMC, mAP and mINP of ``distmat`` (num_query x num_gallery) under the Market-1501 protocol.
 
     ``distmat`` is a numpy array, an ``np.memmap`` (read chunk by chunk) or a torch
@@ -74,6 +77,13 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) ->
     "num_valid": queries evaluated, "num_skipped": queries without a match}``.
     If ``max_rank`` exceeds the gallery size, a warning is issued (as torchreid
     does) and the CMC beyond the gallery size repeats its last value (1.0).
+
+    With ``per_query=True`` the dict also holds each query's own result, in the
+    query order: ``"first_rank"`` (int64, num_query: 0-based rank of its first
+    match, junk removed; -1 for a query without a match) and ``"ap"`` (float64,
+    num_query: its AP; NaN for a query without a match). ``cmc[k]`` is then the
+    fraction of the ``first_rank >= 0`` entries that are ``<= k`` and ``mAP`` the
+    mean of the non-NaN ``ap`` (up to float rounding of the sum).
 
     Raises ValueError on a shape mismatch, ``max_rank < 1``, a NaN distance
     (found chunk by chunk, before that chunk is ranked), or when no query has a
@@ -89,17 +99,18 @@ def evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) ->
         for start in range(0, num_q, rows):
             yield start, _as_tensor(distmat[start : start + rows])  # a view: no copy
 
-    return _evaluate_chunks(chunks(), ids, max_rank, source="distmat")
+    return _evaluate_chunks(chunks(), ids, max_rank, source="distmat", per_query=per_query)
 
 
-def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> dict:
+def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50, *,
+                      per_query: bool = False) -> dict:
     """:func:`evaluate` on the Euclidean distances between query features ``qf``
     (num_query x dim) and gallery features ``gf`` (num_gallery x dim).
 
     The distances are computed one block of query rows at a time (64 MB) and
     ranked at once, so memory is the features plus one block: a 50k x 50k
     problem needs no 10 GB matrix. Same result as
-    ``evaluate(euclidean_distances(qf, gf), ...)``.
+    ``evaluate(euclidean_distances(qf, gf), ...)``, ``per_query`` included.
     """
     qf, gf = _check_features(qf, gf)
     num_q, num_g = qf.shape[0], gf.shape[0]
@@ -113,7 +124,8 @@ def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank: int 
             for i in range(0, len(block), rows):
                 yield start + i, block[i : i + rows]
 
-    return _evaluate_chunks(chunks(), ids, max_rank, source="the distances between qf and gf")
+    return _evaluate_chunks(chunks(), ids, max_rank, source="the distances between qf and gf",
+                            per_query=per_query)
 
 
 def euclidean_distances(qf, gf, chunk: int = 1024) -> torch.Tensor:
@@ -149,9 +161,13 @@ class _Ids:
 
 
 def _evaluate_chunks(chunks: Iterator[tuple[int, torch.Tensor]], ids: _Ids, max_rank: int,
-                     source: str) -> dict:
-    """Accumulate CMC, AP and INP over chunks (start row, distances of those rows) of ``source``."""
+                     source: str, per_query: bool = False) -> dict:
+    """Accumulate CMC, AP and INP over chunks (start row, distances of those rows) of ``source``;
+    with ``per_query``, also each query's first-match rank and AP (see :func:`evaluate`)."""
     depth = min(max_rank, len(ids.g_cam))  # no rank beyond the gallery exists
+    if per_query:
+        first_rank = torch.full((len(ids.q_pid),), -1, dtype=torch.int64)
+        query_ap = torch.full((len(ids.q_pid),), float("nan"), dtype=torch.float64)
     first_hits = torch.zeros(depth + 1, dtype=torch.int64)  # first-match ranks, >= depth in the last bin
     scratch = _Scratch()
     ap_sum = inp_sum = 0.0
@@ -163,14 +179,18 @@ def _evaluate_chunks(chunks: Iterator[tuple[int, torch.Tensor]], ids: _Ids, max_
         if len(nan_rows):
             raise ValueError(f"{source} has NaN distances (first in query row {start + int(nan_rows[0])}): "
                              "drop those queries or fix the features before evaluating")
-        ranks, n = _match_ranks(dist, ids.q_pid[start:stop], ids.q_cam[start:stop], ids, scratch)
+        ranks, n, order = _match_ranks(dist, ids.q_pid[start:stop], ids.q_cam[start:stop], ids, scratch)
         num_q += len(dist)
         if not len(n):
             continue
         k = torch.arange(ranks.shape[1])
         is_match = k < n[:, None]  # ranks beyond a query's n matches are padding
         precision = torch.where(is_match, (k + 1).double() / (ranks + 1).double(), 0.0)  # at each match
-        ap_sum += float(precision.sum(1).div(n).sum())
+        ap = precision.sum(1).div(n)
+        ap_sum += float(ap.sum())
+        if per_query:  # the valid queries of the chunk come in _match_ranks' order
+            first_rank[start + order] = ranks[:, 0]
+            query_ap[start + order] = ap
         inp_sum += float((n.double() / (ranks.gather(1, (n - 1)[:, None])[:, 0] + 1)).sum())
         first_hits += torch.bincount(ranks[:, 0].clamp(max=depth), minlength=depth + 1)
         num_valid += len(n)
@@ -180,17 +200,21 @@ def _evaluate_chunks(chunks: Iterator[tuple[int, torch.Tensor]], ids: _Ids, max_
                          "q_camids/g_camids use the same ids")
     cmc = first_hits[:depth].cumsum(0).double().numpy() / num_valid
     cmc = np.pad(cmc, (0, max_rank - depth), mode="edge")
-    return {"cmc": cmc, "mAP": ap_sum / num_valid, "mINP": inp_sum / num_valid,
-            "num_valid": num_valid, "num_skipped": num_q - num_valid}
+    out = {"cmc": cmc, "mAP": ap_sum / num_valid, "mINP": inp_sum / num_valid,
+           "num_valid": num_valid, "num_skipped": num_q - num_valid}
+    if per_query:
+        out.update(first_rank=first_rank.numpy(), ap=query_ap.numpy())
+    return out
 
 
 def _match_ranks(dist: torch.Tensor, q_pid: torch.Tensor, q_cam: torch.Tensor, ids: _Ids,
-                 scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+                 scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ranks (0-based, junk removed) of each query's matches, closest match first.
 
     Returns ``ranks`` (valid queries x max matches; columns past a query's own
-    count are padding) and ``n``, the number of matches of each valid query.
-    Queries without a match are left out.
+    count are padding), ``n``, the number of matches of each valid query, and
+    ``order``, the row in ``dist`` of each valid query (they come most matches
+    first). Queries without a match are left out.
     """
     rows_in_chunk = len(dist)
     # Every gallery entry with the query's person id, as a flat (row, col) list, row by row.
@@ -235,7 +259,7 @@ def _match_ranks(dist: torch.Tensor, q_pid: torch.Tensor, q_cam: torch.Tensor, i
     matches_le = torch.searchsorted(thresholds, thresholds, right=True).clamp(max=n[:, None])
     junk_le = torch.searchsorted(junk, thresholds, right=True).clamp(max=n_junk[:, None])
     ranks = at_or_below.T.long() - matches_le - junk_le + torch.arange(width)
-    return ranks, n
+    return ranks, n, order
 
 
 class _Scratch:

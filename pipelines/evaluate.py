@@ -10,12 +10,29 @@ ablation variant trained beside it (ablation.variants) adds its row under the
 same protocol: "FFSR + RIFE" (the FFSR paper's model) and "RIFE as F + PRI"
 (PRI with RIFE as its re-id module, adaptive scale).
 
+Every row is also kept probe by probe, and the claims are tested on those records
+(components/comparisons.py, components/stats.py): paired differences of rank-1 and
+mAP with 95% intervals from a bootstrap over the test identities (adaptive vs each
+fixed scale, vs the best fixed scale chosen again in every resample, vs size-based,
+vs bicubic + F; ideal vs adaptive; each variant vs bicubic + F), every row per true
+down-sampling factor, the oracle's selection-bias baselines, and P's diagnostics
+(agreement with the oracle's best scale against chance, entropy, confusion matrix).
+
 Inputs:  data/split/split.parquet, models/model.pt, models/ablation/<variant>/model.pt,
          reports/plots/r_p_history.csv (train)
-Outputs: reports/evaluate.json (DVC metrics: the evaluate.predictor row),
-         reports/ablation.{md,json}, reports/plots/{cmc,scale_histogram}.csv (DVC plots),
-         reports/figures/*.png; an MLflow run with all of them
-Params:  evaluate.*, model.*, ablation.variants, degrade.hr_height / hr_width
+Outputs: reports/eval/per_probe.parquet: one record per row x gallery draw x probe
+           (row, draw, image_id, person_id, true_scale, scale, first_rank: 0-based
+           rank of the first true match or -1, ap), its split and model in the metadata;
+         reports/evaluate.json (DVC metrics: the evaluate.predictor row, the paired
+           differences of rank-1 with their intervals, P's agreement and entropy);
+         reports/ablation.md (the table, then paired differences, per-factor slices,
+           the oracle's headroom, P's diagnostics) and ablation.json (the same numbers);
+         reports/plots/{cmc,scale_histogram}.csv (DVC plots);
+         reports/figures/*.png (CMC, paired_rank1 / paired_mAP forest plots,
+           predictor_confusion, scale histogram, ranked lists, recovered images);
+         an MLflow run with all of them
+Params:  evaluate.* (evaluate.bootstrap: resamples of the intervals), model.*,
+         ablation.variants, degrade.hr_height / hr_width
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ from pipelines.train import OUT as MODEL
 log = logging.getLogger("lrreid")
 
 FIGURES = Path(REPORTS) / "figures"
+PER_PROBE = Path(REPORTS) / "eval" / "per_probe.parquet"
 PLOTS = Path(REPORTS) / "plots"
 HEADLINE = {"adaptive": "Adaptive (PRI)", "size_based": "Size-based", "ideal": "Ideal", "fixed": "Fixed x1"}
 VARIANT_ROWS = {"ffsr_rife": "FFSR + RIFE", "rife_pri": "RIFE as F + PRI"}  # ablation variant -> table row
@@ -84,7 +102,9 @@ def run(args: argparse.Namespace) -> None:
         metrics.update(repeats=headline["repeats"], probes=test.query.num_rows, skipped=headline["num_skipped"],
                        predictor=e.predictor, dataset=params.data.layout, protocol=params.degrade.protocol,
                        mlflow_run_id=run_id, train_mlflow_run_id=meta.get("mlflow_run_id", ""))
-        outputs = write_reports(rows, metrics, emb, test, pri)
+        stats = write_statistics(rows, test, emb, pri, e.bootstrap, provenance(split_file, args))
+        metrics.update(stats["headline"])
+        outputs = write_reports(rows, metrics, emb, test, pri, stats) + stats["outputs"]
         outputs += write_figures(rows, emb, test, pri, e.figure_probes)
         tracking.log_metrics(run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
         tracking.log_metrics(run_id, {f"{_key(name)}.{k}": row[k] for name, row in rows.items()
@@ -142,8 +162,11 @@ def score_variant(vparams, variant: str, model, test, device, progress: bool) ->
 
 
 def _key(name: str) -> str:
-    """An MLflow-safe metric prefix for a table row ("Fixed x2" -> "fixed_x2")."""
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+    """An MLflow-safe metric prefix for a table row or comparison ("Fixed x2" -> "fixed_x2",
+    "Adaptive - best fixed" -> "adaptive_best_fixed")."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def ablation_markdown(rows: dict[str, dict]) -> str:
@@ -156,17 +179,17 @@ def ablation_markdown(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(rows: dict[str, dict], metrics: dict, emb, test, pri) -> list[Path]:
+def write_reports(rows: dict[str, dict], metrics: dict, emb, test, pri, stats: dict) -> list[Path]:
     """reports/evaluate.json, ablation.{md,json}, plots/*.csv (written atomically)."""
     from components.figures import scale_histogram_table
     from components.fsutil import atomic_path, write_json
 
     reports = Path(REPORTS)
     write_json(reports / "evaluate.json", metrics)
-    table = {name: {k: v for k, v in r.items() if k not in ("cmc", "cmc_std", "scales")} for name, r in rows.items()}
-    write_json(reports / "ablation.json", table)
+    table = {name: {k: v for k, v in r.items() if k not in ARRAYS} for name, r in rows.items()}
+    write_json(reports / "ablation.json", {"rows": table, **stats["json"]})
     with atomic_path(reports / "ablation.md") as tmp:
-        tmp.write_text(ablation_markdown(rows))
+        tmp.write_text(ablation_markdown(rows) + stats["markdown"])
     PLOTS.mkdir(parents=True, exist_ok=True)
     with atomic_path(PLOTS / "cmc.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -185,6 +208,111 @@ def write_reports(rows: dict[str, dict], metrics: dict, emb, test, pri) -> list[
                 w.writerow([r["true_scale"], r["predicted_scale"], round(r["fraction"], 4), r["count"]])
         outputs.append(PLOTS / "scale_histogram.csv")
     return outputs
+
+
+ARRAYS = ("cmc", "cmc_std", "scales", "scale", "first_rank", "ap")  # per-draw / per-probe: not in the JSON
+
+
+def provenance(split_file: Path, args) -> dict:
+    """What the per-probe records come from: the split and model files (md5)."""
+    from pipelines.ray_train import _md5
+
+    return {"split": _md5(split_file), "model": _md5(Path(args.model))}
+
+
+def write_statistics(rows: dict, test, emb, pri, resamples: int, source: dict) -> dict:
+    """reports/eval/per_probe.parquet and what comes from it: paired differences of the claims (identity
+    bootstrap), per-scale slices, the oracle's selection-bias baselines, P's diagnostics, the forest
+    plot and P's confusion matrix. Returns {"headline": numbers for evaluate.json, "json": for
+    ablation.json, "markdown": for ablation.md, "outputs": files written}."""
+    from components import comparisons as C
+    from components import figures
+    from components.data import table as T
+    from components.diagnostics import agreement_hits, predictor_diagnostics
+    from components.stats import oracle_index, paired_bootstrap
+
+    q_ids = np.asarray(test.query["image_id"].to_pylist(), dtype=object)
+    table = C.per_probe_table(rows, q_ids, test.q_pids, test.q_scales, source)
+    path = PER_PROBE
+    T.write_table(table, path, table.schema)
+    C.check_per_probe(table, str(path), list(rows), source)
+    pairs = C.compare(table, C.claims(list(rows)), n_resamples=resamples)
+    slices = C.per_scale(table)
+    oracle = C.oracle_headroom(table)
+    fixed = [r for r in rows if r.startswith("Fixed x")]
+    ranks, aps, pids = zip(*(C.arrays(table, r) for r in fixed))
+    best = oracle_index(np.stack(ranks, 2), np.stack(aps, 2))  # [D, Q], probes in image_id order
+    order = np.argsort(q_ids, kind="stable")
+    predictor = {}
+    outputs = [path]
+    if emb.probs is not None:
+        probs = emb.probs.numpy()[order]
+        scales = pri.scales.cpu().tolist()
+        predictor = predictor_diagnostics(probs, test.q_scales[order], best, scales)
+        hits = agreement_hits(probs, best)  # [D, Q] 0/1
+        chance = predictor["chance_agreement"]
+        diff = paired_bootstrap(100 * (hits.ravel() - chance), np.tile(pids[0], len(best)), n_resamples=resamples)[0]
+        predictor["agreement_minus_chance"] = {"mean": diff.mean, "low": diff.low, "high": diff.high,
+                                               "p_value": diff.p_value}
+        outputs.append(figures.predictor_confusion(np.asarray(predictor["confusion"]), predictor["true_scales"],
+                                                   scales, FIGURES / "predictor_confusion.png",
+                                                   title="P's r_p per true down-sampling factor (test probes)"))
+    for metric in ("rank1", "mAP"):
+        outputs.append(figures.forest_plot(
+            [(p["label"], p[metric].mean, p[metric].low, p[metric].high, p[metric].p_value) for p in pairs],
+            FIGURES / f"paired_{metric}.png", title=f"Paired differences of {metric} (95% identity-bootstrap CI)",
+            xlabel=f"{metric} difference (points)"))
+    stats_json = dict(
+        paired=[{"label": p["label"], "a": p["a"], "b": p["b"],
+                 **{m: vars(p[m]) for m in ("rank1", "mAP")}} for p in pairs],
+        per_scale=slices, oracle=oracle, predictor=_jsonable(predictor), bootstrap_resamples=resamples)
+    markdown = ("\n## Paired differences\n\n" + C.paired_markdown(pairs, resamples)
+                + "\n## Per true down-sampling factor\n\n" + C.per_scale_markdown(slices)
+                + "\n## The oracle's headroom\n\n" + oracle_markdown(oracle)
+                + ("\n## Is P predicting anything?\n\n" + predictor_markdown(predictor) if predictor else ""))
+    headline = {}
+    for p in pairs:
+        key = _key(p["label"])
+        headline.update({f"{key}.rank1": p["rank1"].mean, f"{key}.rank1_low": p["rank1"].low,
+                         f"{key}.rank1_high": p["rank1"].high, f"{key}.rank1_p": p["rank1"].p_value})
+    if predictor:
+        headline.update(p_agreement=predictor["agreement"], p_chance_agreement=predictor["chance_agreement"],
+                        p_mean_entropy=predictor["mean_entropy"], p_max_entropy=predictor["max_entropy"])
+    return {"headline": headline, "json": stats_json, "markdown": markdown, "outputs": outputs}
+
+
+def oracle_markdown(oracle: dict) -> str:
+    names = {"oracle": "Ideal (in-sample oracle over the fixed scales)",
+             "held_out_oracle": "Held-out oracle (choice from the other gallery draws)",
+             "noise_oracle": "Noise oracle (scales made exchangeable: selection on noise alone)",
+             "mean_of_scales": "Mean of the fixed scales"}
+    lines = ["| | rank-1 (%) | mAP (%) |", "|---|---:|---:|"]
+    lines += [f"| {names[k]} | {v['rank1']:.1f} | {v['mAP']:.1f} |" for k, v in oracle.items() if k in names]
+    lines.append("\nThe Ideal row's lead over the mean of the scales that the noise oracle also gets is selection "
+                 "among noisy alternatives; what the held-out oracle keeps is headroom a predictor can reach.")
+    return "\n".join(lines) + "\n"
+
+
+def predictor_markdown(p: dict) -> str:
+    d = p["agreement_minus_chance"]
+    return (f"- agreement of r_p with the oracle's best scale: {100 * p['agreement']:.1f}% "
+            f"(chance {100 * p['chance_agreement']:.1f}%, uniform {100 * p['uniform_agreement']:.1f}%); "
+            f"agreement - chance {d['mean']:+.1f} points [{d['low']:+.1f}, {d['high']:+.1f}], p {d['p_value']:.3g}\n"
+            f"- P's mean entropy {p['mean_entropy']:.3f} of at most ln N = {p['max_entropy']:.3f}; mean max "
+            f"probability {p['mean_max_prob']:.3f}\n"
+            f"- confusion matrix (rows: true factor, columns: r_p): figures/predictor_confusion.png\n")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[Path]:

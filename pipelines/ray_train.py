@@ -17,6 +17,7 @@ changed params, data or code start a new run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import shutil
@@ -343,6 +344,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(validate(unwrap(model), validation, hr_height=params.degrade.hr_height, device=device))
         if bank is not None:
             metrics["label_bank_entropy"] = bank.entropy()
+            # what a predictor that learned nothing scores: L_p of the uniform P, the flattest labels
+            metrics["L_p_uniform"] = metrics["label_bank_entropy_max"] = math.log(len(m.scales))
             metrics.update(tracked_scales(model, dataset, bank, t.track_images, device=device, precision=precision))
         state.epoch = epoch
         state.extra["generator"] = generator.get_state()

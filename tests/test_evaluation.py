@@ -106,7 +106,25 @@ def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_
     assert run.data.metrics["rank1"] == pytest.approx(metrics["rank1"])
     assert "ideal.rank1" in run.data.metrics and run.info.status == "FINISHED"
     logged = {a.path for a in client().list_artifacts(run.info.run_id, "figures")}
-    assert "figures/ranked_list.png" in logged
+    assert {"figures/ranked_list.png", "figures/paired_rank1.png", "figures/predictor_confusion.png"} <= logged
+    # the statistics: per-probe records that reproduce the table, paired differences, slices, P's diagnostics
+    from components import comparisons as C
+    from components.data.table import read_table
+
+    per_probe = read_table(tmp_path / "reports" / "eval" / "per_probe.parquet")
+    table = json.loads((tmp_path / "reports" / "ablation.json").read_text())
+    for name, row in table["rows"].items():
+        assert C.rank1_map(per_probe, name)["rank1"] == pytest.approx(row["rank1"], abs=1e-9)
+    labels = [p["label"] for p in table["paired"]]
+    assert "Adaptive - best fixed" in labels and "Ideal - Adaptive" in labels
+    assert metrics["adaptive_best_fixed.rank1_low"] <= metrics["adaptive_best_fixed.rank1"]
+    assert metrics["adaptive_best_fixed.rank1"] <= metrics["adaptive_best_fixed.rank1_high"]
+    assert "adaptive_best_fixed.rank1" in run.data.metrics
+    assert sum(map(sum, table["predictor"]["confusion"])) == per_probe.num_rows // (len(table["rows"]) * 2)
+    md = (tmp_path / "reports" / "ablation.md").read_text()
+    for section in ("## Paired differences", "## Per true down-sampling factor", "## The oracle's headroom",
+                    "## Is P predicting anything?"):
+        assert section in md
 
 
 def test_evaluate_stage_errors(tmp_path, monkeypatch):
@@ -145,7 +163,7 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monke
     save_weights_dict(build_pri(params.for_variant("rife_pri").model, 5).state_dict(),
                       tmp_path / "models" / "ablation" / "rife_pri" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 0
-    table = json.loads((tmp_path / "reports" / "ablation.json").read_text())
+    table = json.loads((tmp_path / "reports" / "ablation.json").read_text())["rows"]
     assert {"FFSR + RIFE", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F"} <= set(table)
     for name in ("FFSR + RIFE", "RIFE as F + PRI"):
         assert table[name]["repeats"] == 2 and 0 <= table[name]["rank1"] <= 100

@@ -151,3 +151,58 @@ def test_failure_leaves_no_file(tmp_path, monkeypatch):
         figures.cmc_chart({"PRI": np.linspace(0.5, 1, 20)}, target)
     assert not target.exists()
     assert list(target.parent.iterdir()) == []  # no temporary left either
+
+
+def _red_pixels(rgb: np.ndarray) -> int:
+    """Pixels of figures.SIGNIFICANT_COLOR (tab:red, ~(214, 39, 40))."""
+    r, g, b = (rgb[..., k].astype(int) for k in range(3))
+    return int(np.sum((r > 180) & (g < 80) & (b < 80)))
+
+
+def test_predictor_confusion(tmp_path):
+    confusion = np.array([[3, 40, 10, 1], [0, 12, 30, 8], [1, 2, 10, 45]])
+    out = figures.predictor_confusion(confusion, [2, 3, 4], [1, 2, 3, 4], tmp_path / "sub" / "confusion.png",
+                                      title="P's r_p per true factor")
+    assert out == tmp_path / "sub" / "confusion.png"
+    rgb = _png(out)
+    assert rgb.shape[1] > 300 and rgb.shape[0] > 200
+    # a row without probes is drawn blank, not divided by zero
+    _png(figures.predictor_confusion([[0, 0], [2, 1]], [2.0, 3.5], [1, 2], tmp_path / "empty_row.png"))
+    with pytest.raises(ValueError, match="true_scales"):
+        figures.predictor_confusion(confusion, [2, 3], [1, 2, 3, 4], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="scales"):
+        figures.predictor_confusion(confusion, [2, 3, 4], [1, 2, 3], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="confusion"):
+        figures.predictor_confusion(np.array([1, 2, 3]), [2], [1, 2, 3], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="confusion"):
+        figures.predictor_confusion([[1.5, np.nan]], [2], [1, 2], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="confusion"):
+        figures.predictor_confusion([[0, 0]], [2], [1, 2], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_forest_plot(tmp_path):
+    rows = [("Adaptive (PRI) - Fixed x1", 3.2, 1.1, 5.4, 0.002),
+            ("Adaptive (PRI) - best fixed", 0.3, -1.2, 1.9, 0.7),
+            ("Ideal - Adaptive (PRI)", 12.5, 10.1, 14.8, 1e-4),
+            ("RIFE as F + PRI - Bicubic + F", 1.0, -0.5, 2.5, None)]
+    out = figures.forest_plot(rows, tmp_path / "sub" / "paired.png", title="rank-1", xlabel="points")
+    assert out == tmp_path / "sub" / "paired.png"
+    rgb = _png(out)
+    assert rgb.shape[1] > 400 and rgb.shape[0] > 150
+    assert _red_pixels(rgb) > 100  # the intervals that exclude 0
+    # all intervals containing 0: nothing red
+    grey = figures.forest_plot([(label, 0.1, -1.0, 1.2, 0.8) for label, *_ in rows], tmp_path / "grey.png")
+    assert _red_pixels(_png(grey)) == 0
+    _png(figures.forest_plot([("A - B", -2.0, -3.0, -1.0, np.nan)], tmp_path / "one.png"))  # 0 outside the data
+    with pytest.raises(ValueError, match="rows"):
+        figures.forest_plot([], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"rows\[1\]"):
+        figures.forest_plot([rows[0], ("A - B", 1.0, 2.0, 0.5, 0.1)], tmp_path / "bad.png")  # low > high
+    with pytest.raises(ValueError, match=r"rows\[0\]"):
+        figures.forest_plot([("A - B", np.nan, 0.0, 1.0, 0.1)], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"rows\[0\]"):
+        figures.forest_plot([("A - B", 1.0, 0.0)], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="p_value"):
+        figures.forest_plot([("A - B", 1.0, 0.0, 2.0, 1.5)], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

@@ -230,3 +230,103 @@ def test_feature_errors_name_the_argument():
     bad[1, 1] = np.nan
     with pytest.raises(ValueError, match="gf has NaN"):
         evaluate_features(qf, bad, *ids)
+
+
+# --- per-query results ---------------------------------------------------------
+
+
+def reference_per_query(distmat, q_pids, g_pids, q_camids, g_camids):
+    """Per query, by the loop of reference_evaluate: (first match rank, 0-based, junk removed, -1
+    without a match; AP, NaN without a match)."""
+    first_rank = np.full(len(distmat), -1, dtype=np.int64)
+    ap = np.full(len(distmat), np.nan)
+    for q in range(len(distmat)):
+        order = np.argsort(distmat[q])
+        same_pid = g_pids[order] == q_pids[q]
+        raw_cmc = same_pid[~(same_pid & (g_camids[order] == q_camids[q]))]
+        if raw_cmc.any():
+            first_rank[q] = np.flatnonzero(raw_cmc)[0]
+            precision = raw_cmc.cumsum() / np.arange(1.0, len(raw_cmc) + 1)
+            ap[q] = (precision * raw_cmc).sum() / raw_cmc.sum()
+    return first_rank, ap
+
+
+def assert_per_query_consistent(result, max_rank):
+    """first_rank / ap reproduce the returned CMC, mAP and counts."""
+    rank, ap = result["first_rank"], result["ap"]
+    assert rank.dtype == np.int64 and ap.dtype == np.float64
+    valid = rank >= 0
+    np.testing.assert_array_equal(np.isnan(ap), ~valid)
+    assert (int(valid.sum()), int((~valid).sum())) == (result["num_valid"], result["num_skipped"])
+    cmc = np.array([np.mean(rank[valid] < k) for k in range(1, max_rank + 1)])
+    np.testing.assert_allclose(result["cmc"], cmc, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(result["mAP"], np.mean(ap[valid]), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("chunk_rows, max_passes", [(None, None), (7, None), (7, 20), (13, 0)])
+@pytest.mark.parametrize("num_q, num_g, num_ids, num_cams, seed", [
+    (100, 400, 10, 4, 11),  # ~40 matches per query, junk, some queries without a match
+    (90, 300, 60, 2, 12),   # ~5 entries per id: many queries skipped, matches vary 0..10
+])
+def test_per_query_matches_the_reference_and_the_aggregates(monkeypatch, chunk_rows, max_passes,
+                                                            num_q, num_g, num_ids, num_cams, seed):
+    problem = random_problem(num_q, num_g, num_ids, num_cams, seed)
+    if chunk_rows:  # several chunks, a partial last one
+        monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", chunk_rows * num_g)
+    if max_passes is not None:  # some or all queries by the binary search
+        monkeypatch.setattr(metrics, "_MAX_PASSES", max_passes)
+    result = evaluate(*problem, max_rank=30, per_query=True)
+    first_rank, ap = reference_per_query(*problem)
+    assert 0 < result["num_skipped"] < num_q
+    assert (first_rank >= 30).any()  # a first match beyond max_rank keeps its own rank
+    np.testing.assert_array_equal(result["first_rank"], first_rank)
+    np.testing.assert_allclose(result["ap"], ap, rtol=1e-12, atol=0)  # NaN where NaN
+    assert_per_query_consistent(result, 30)
+    assert_same(result, reference_evaluate(*problem, max_rank=30))
+
+
+def test_per_query_keeps_the_query_order():
+    # queries without a match, with one match and with two, shuffled: the chunk ranks them most matches first
+    distmat = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                        [0.5, 0.1, 0.2, 0.3, 0.4, 0.6],
+                        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                        [0.3, 0.4, 0.5, 0.6, 0.1, 0.2]])
+    problem = (distmat, np.array([1, 2, 9, 3]), np.array([1, 1, 2, 2, 3, 3]), np.array([0, 0, 0, 0]),
+               np.array([0, 0, 0, 1, 1, 1]))
+    result = evaluate(*problem, max_rank=3, per_query=True)
+    # query 0: junk only; 1: col 2 is junk, match col 3 at rank 1; 2: no id 9; 3: matches at ranks 0, 1
+    np.testing.assert_array_equal(result["first_rank"], [-1, 1, -1, 0])
+    np.testing.assert_allclose(result["ap"], [np.nan, 0.5, np.nan, 1.0])
+    assert_per_query_consistent(result, 3)
+
+
+def test_per_query_is_opt_in_and_changes_nothing_else(monkeypatch):
+    problem = random_problem(60, 200, 20, 3, seed=13)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 11 * 200)
+    plain = evaluate(*problem, max_rank=20)
+    assert set(plain) == {"cmc", "mAP", "mINP", "num_valid", "num_skipped"}
+    full = evaluate(*problem, max_rank=20, per_query=True)
+    assert set(full) == set(plain) | {"first_rank", "ap"}
+    np.testing.assert_array_equal(full["cmc"], plain["cmc"])  # bit-identical
+    assert [full[k] for k in ("mAP", "mINP", "num_valid", "num_skipped")] == \
+           [plain[k] for k in ("mAP", "mINP", "num_valid", "num_skipped")]
+
+
+def test_evaluate_features_per_query(monkeypatch):
+    rng = np.random.default_rng(14)
+    qf = rng.standard_normal((70, 16)).astype(np.float32)
+    gf = rng.standard_normal((240, 16)).astype(np.float32)
+    _, *ids = random_problem(70, 240, 24, 5, seed=14)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 9 * 240)  # ranked 9 queries at a time
+    monkeypatch.setattr(metrics, "_DISTANCE_BLOCK_ELEMENTS", 20 * 240)  # distances 20 at a time
+    result = evaluate_features(qf, gf, *ids, max_rank=25, per_query=True)
+    reference = torch.cdist(torch.from_numpy(qf).double(), torch.from_numpy(gf).double()).numpy()
+    first_rank, ap = reference_per_query(reference, *ids)
+    assert 0 < result["num_skipped"] < 70
+    np.testing.assert_array_equal(result["first_rank"], first_rank)
+    np.testing.assert_allclose(result["ap"], ap, rtol=1e-12, atol=0)
+    assert_per_query_consistent(result, 25)
+    from_distances = evaluate(euclidean_distances(qf, gf), *ids, max_rank=25, per_query=True)
+    np.testing.assert_array_equal(result["first_rank"], from_distances["first_rank"])
+    # chunks of 9, 9, 2 per block of 20 here, of 9 there: AP sums may differ in the last bit
+    np.testing.assert_allclose(result["ap"], from_distances["ap"], rtol=1e-12, atol=0)

@@ -1,0 +1,106 @@
+"""The per-probe table of the evaluation and what comes from it: it reproduces the ablation table,
+identical rows differ by exactly 0, the claims' pairs, selection-accounted "best fixed", slices,
+and the errors for records of another split or with probes missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from components import comparisons as C
+from tests.conftest import tiny_model_params
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """A tiny PRI scored on a tiny split (5 test identities, 3 draws): (rows, test, table)."""
+    from components.config import DegradeParams
+    from components.data.protocols import degrade
+    from components.data.splits import split_identities
+    from components.evaluation import embed_test_set, load_test_set, score
+    from components.models.pri import build_pri
+    from tests.conftest import make_canonical
+
+    canonical = make_canonical(n_ids=10, per_cam=3, size=(32, 16))
+    deg = degrade(canonical, DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]), progress=False).table
+    test = load_test_set(split_identities(deg, n_test=5, repeats=3, seed=0).table)
+    torch.manual_seed(0)
+    pri = build_pri(tiny_model_params(scales=[1, 2, 4]), num_classes=5).eval()
+    rows = score(pri, embed_test_set(pri, test, batch_size=4, progress=False), test, hr_height=32, max_rank=5)
+    table = C.per_probe_table(rows, test.query["image_id"].to_pylist(), test.q_pids, test.q_scales,
+                              {"split": "abc", "model": "def"})
+    return rows, test, table
+
+
+def test_the_per_probe_table_reproduces_the_ablation_table(scored):
+    rows, test, table = scored
+    assert table.num_rows == len(rows) * 3 * test.query.num_rows
+    for name, r in rows.items():
+        again = C.rank1_map(table, name)
+        assert again["rank1"] == pytest.approx(r["rank1"], abs=1e-9), name
+        assert again["mAP"] == pytest.approx(r["mAP"], abs=1e-9), name
+    # the scale each row used: fixed rows their own, bicubic none
+    fixed2 = table.filter(pc.equal(table["row"], "Fixed x2"))
+    assert set(fixed2["scale"].to_pylist()) == {2.0}
+    assert table.filter(pc.equal(table["row"], "Bicubic + F"))["scale"].null_count == 3 * test.query.num_rows
+    assert C.provenance(table) == {"split": "abc", "model": "def"}
+
+
+def test_identical_rows_differ_by_exactly_zero(scored):
+    rows, test, table = scored
+    twin = C.per_probe_table({"A": rows["Fixed x2"], "B": rows["Fixed x2"]}, test.query["image_id"].to_pylist(),
+                             test.q_pids, test.q_scales, {})
+    (res,) = C.compare(twin, [("A - B", "A", "B")], n_resamples=500)
+    for m in ("rank1", "mAP"):
+        d = res[m]
+        assert (d.mean, d.low, d.high, d.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_the_claims_and_the_best_fixed_scale(scored):
+    rows, _, table = scored
+    pairs = C.claims(list(rows) + ["FFSR + RIFE"])
+    labels = [p[0] for p in pairs]
+    assert labels == ["Adaptive - Fixed x1", "Adaptive - Fixed x2", "Adaptive - Fixed x4", "Adaptive - best fixed",
+                      "Adaptive - Size-based", "Adaptive - Bicubic + F", "Ideal - Adaptive",
+                      "FFSR + RIFE - Bicubic + F"]
+    res = {r["label"]: r for r in C.compare(table, [p for p in pairs if "FFSR" not in p[0]], n_resamples=500)}
+    best = res["Adaptive - best fixed"]["rank1"]
+    singles = [res[f"Adaptive - Fixed x{r}"]["rank1"].mean for r in (1, 2, 4)]
+    assert best.mean == pytest.approx(min(singles))  # the best fixed row is the one adaptive trails most
+    assert best.low <= best.mean <= best.high
+    ideal = res["Ideal - Adaptive"]["rank1"]
+    assert ideal.mean >= 0  # the oracle never ranks worse than any choice
+
+
+def test_per_scale_slices_count_every_probe_once(scored):
+    rows, test, table = scored
+    slices = C.per_scale(table)
+    assert set(slices) == set(rows)
+    for name, s in slices.items():
+        assert set(s) == {"x2", "x4"}
+        assert sum(v["probes"] for v in s.values()) == test.query.num_rows
+    # the x2 slice of Fixed x2 by hand
+    part = table.filter(pc.and_(pc.equal(table["row"], "Fixed x2"), pc.equal(table["true_scale"], 2.0)))
+    assert slices["Fixed x2"]["x2"]["rank1"] == pytest.approx(100 * np.mean(part["first_rank"].to_numpy() == 0))
+
+
+def test_oracle_headroom_from_the_fixed_rows(scored):
+    rows, _, table = scored
+    h = C.oracle_headroom(table)
+    assert set(h) >= {"oracle", "noise_oracle", "held_out_oracle", "mean_of_scales"}
+    assert h["oracle"]["rank1"] >= max(C.rank1_map(table, f"Fixed x{r}")["rank1"] for r in (1, 2, 4)) - 1e-9
+
+
+def test_records_of_another_split_or_with_probes_missing_are_refused(scored):
+    rows, _, table = scored
+    with pytest.raises(C.PerProbeError, match=r"per_probe.parquet: no records of the row\(s\) \['FFSR \+ RIFE'\]"):
+        C.check_per_probe(table, "per_probe.parquet", ["Adaptive (PRI)", "FFSR + RIFE"])
+    short = table.filter(pc.invert(pc.and_(pc.equal(table["row"], "Ideal"), pc.equal(table["draw"], 1))))
+    short = short.slice(0, short.num_rows - 1)
+    with pytest.raises(C.PerProbeError, match="records are missing"):
+        C.check_per_probe(short, "p.parquet", list(rows))
+    with pytest.raises(C.PerProbeError, match=r"another split or model: split 'abc' \(expected 'xyz'\)"):
+        C.check_per_probe(table, "p.parquet", list(rows), {"split": "xyz", "model": "def"})
+    C.check_per_probe(table, "p.parquet", list(rows), {"split": "abc", "model": "def"})
