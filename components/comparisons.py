@@ -102,6 +102,14 @@ def arrays(table: pa.Table, row: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return rank, ap, part["person_id"].to_numpy()[:Q]
 
 
+def records(table: pa.Table, row: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """One row's records in (draw, image_id) order: (keys, first_rank [n], ap [n], person_id [n])."""
+    part = table.filter(pc.equal(table["row"], row)).sort_by([("draw", "ascending"), ("image_id", "ascending")])
+    keys = list(zip(part["draw"].to_pylist(), part["image_id"].to_pylist()))
+    return (keys, part["first_rank"].to_numpy(), part["ap"].to_numpy(zero_copy_only=False),
+            part["person_id"].to_numpy())
+
+
 def rank1_map(table: pa.Table, row: str) -> dict[str, float]:
     """Rank-1 and mAP (%) of one row: the mean over draws of the per-draw values (as the table)."""
     rank, ap, _ = arrays(table, row)
@@ -135,9 +143,15 @@ def compare(table: pa.Table, pairs, *, n_resamples: int = 10000, seed: int = 0) 
     interval and p-value; one dict per pair: label, a, b, rank1: PairedDiff, mAP: PairedDiff."""
     out = []
     for label, a, b in pairs:
-        rank_a, ap_a, pids = arrays(table, a)
+        keys, rank_a, ap_a, pids = records(table, a)
         bs = b if isinstance(b, list) else [b]
-        diffs = [record_diffs(rank_a, ap_a, *arrays(table, x)[:2], pids) for x in bs]
+        diffs = []
+        for x in bs:
+            keys_b, rank_b, ap_b, _ = records(table, x)
+            if keys_b != keys:
+                raise PerProbeError(f"rows {a!r} and {x!r} do not hold the same probes and draws: they cannot be "
+                                    "compared record by record; re-run the evaluate stage")
+            diffs.append(record_diffs(rank_a[None], ap_a[None], rank_b[None], ap_b[None], pids))
         groups = diffs[0][1]
         if len(bs) == 1:
             r1, mAP = paired_bootstrap(diffs[0][0], groups, n_resamples=n_resamples, seed=seed)

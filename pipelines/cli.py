@@ -26,6 +26,7 @@ STAGES = {
     "tune": "pipelines.tune",
     "preset": "pipelines.preset",
     "query": "pipelines.query",
+    "compare": "pipelines.compare",
 }
 
 

@@ -104,3 +104,45 @@ def test_records_of_another_split_or_with_probes_missing_are_refused(scored):
     with pytest.raises(C.PerProbeError, match=r"another split or model: split 'abc' \(expected 'xyz'\)"):
         C.check_per_probe(table, "p.parquet", list(rows), {"split": "xyz", "model": "def"})
     C.check_per_probe(table, "p.parquet", list(rows), {"split": "abc", "model": "def"})
+
+
+def test_compare_aggregates_splits_and_refuses_bad_files(scored, tmp_path, monkeypatch, capsys):
+    import json
+
+    import pyarrow.compute as pc
+    import yaml
+
+    from components.config import Params
+    from components.data.table import write_table
+    from pipelines.cli import main
+
+    rows, test, table = scored
+    monkeypatch.chdir(tmp_path)
+    params = Params().model_dump(mode="json")
+    params["evaluate"]["bootstrap"] = 200
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    files = []
+    for k in range(2):  # two "splits": the same records with another split md5 (and, for split 1, fewer probes)
+        t = table.replace_schema_metadata({b"lrreid": json.dumps({"split": f"s{k}", "model": "m"}).encode()})
+        if k == 1:
+            keep = sorted(set(t["image_id"].to_pylist()))[:-2]
+            t = t.filter(pc.is_in(t["image_id"], value_set=__import__("pyarrow").array(keep)))
+        files.append(tmp_path / f"split{k}.parquet")
+        write_table(t, files[-1], t.schema)
+    assert main(["compare", *map(str, files), "--out", "out"]) == 0
+    summary = json.loads((tmp_path / "out" / "resplits.json").read_text())
+    assert set(summary["rows"]) == set(rows) and len(summary["per_split"]["Ideal"]) == 2
+    assert summary["rows"]["Fixed x2"]["rank1"]["mean"] == pytest.approx(
+        np.mean([C.rank1_map(table, "Fixed x2")["rank1"], summary["per_split"]["Fixed x2"][1]["rank1"]]))
+    assert "Adaptive - best fixed" in (tmp_path / "out" / "resplits.md").read_text()
+    assert (tmp_path / "out" / "paired_rank1.png").stat().st_size > 0
+    # the same split twice, and a file without a row the others have
+    assert main(["compare", str(files[0]), str(files[0]), "--out", "out2"]) == 2
+    assert "come from the same split" in capsys.readouterr().err
+    lacking = table.filter(pc.not_equal(table["row"], "Ideal")).replace_schema_metadata(
+        {b"lrreid": json.dumps({"split": "s9"}).encode()})
+    write_table(lacking, tmp_path / "lacking.parquet", lacking.schema)
+    assert main(["compare", str(files[0]), str(tmp_path / "lacking.parquet"), "--out", "out3"]) == 2
+    err = capsys.readouterr().err
+    assert "lacking.parquet: no records of the row(s) ['Ideal']" in err
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()  # nothing written
