@@ -148,28 +148,54 @@ def choices(pri: PRI, emb: Embeddings, hr_height: float) -> dict[str, torch.Tens
     return out
 
 
-def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_rank: int = 50) -> dict[str, dict]:
-    """Every row (scale choices, ideal, bicubic + F) on every gallery draw: mean / std of
-    rank-1/5/10 and mAP in %, the mean CMC curve, and the chosen scales."""
-    q_pids, q_cams, g_pids, g_cams = test.q_pids, test.q_cams, test.g_pids, test.g_cams
+def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_rank: int = 50,
+          seed: int = 0) -> dict[str, dict]:
+    """Every row (scale choices, ideal, its noise baseline, bicubic + F) on every gallery draw:
+    mean / std of rank-1/5/10 and mAP in %, the mean CMC curve, per-probe ranks and APs, and the
+    chosen scales."""
     indices = choices(pri, emb, hr_height)
     indices["Ideal"] = None  # the oracle depends on the draw
-    Q = emb.all_scales.shape[0]
+    scales = pri.scales.cpu()
     rows = {}
     for name, fixed in indices.items():
-        results, picked = [], []
-        for draw in test.draws:
-            g = emb.gallery[draw]
-            idx = fixed  # ideal: per probe the scale ranking a true match best in this draw
-            if idx is None:
-                idx = ideal_scale(emb.all_scales, torch.as_tensor(q_pids), g, torch.as_tensor(g_pids[draw]))
-            picked.append(idx)
-            results.append(evaluate_features(emb.all_scales[torch.arange(Q), idx], g, q_pids, g_pids[draw], q_cams,
-                                             g_cams[draw], max_rank=max_rank, per_query=True))
-        scale = pri.scales.cpu()[torch.stack(picked)].numpy()  # [D, Q]
+        results, picked = _score_choice(emb.all_scales, fixed, emb.gallery, test, max_rank)
+        scale = scales[torch.stack(picked)].numpy()  # [D, Q]
         rows[name] = {**_summary(results), "scales": scale[0], "scale": scale}  # scales: draw 0's choice
+    results, _ = _score_choice(noisy_scales(emb.all_scales, seed), None, emb.gallery, test, max_rank)
+    rows["Noise oracle"] = {**_summary(results), "scale": None}
     rows["Bicubic + F"] = score_features(emb.bicubic, emb.gallery, test, max_rank=max_rank)
     return rows
+
+
+def _score_choice(all_scales: torch.Tensor, index: torch.Tensor | None, gallery: torch.Tensor, test: TestSet,
+                  max_rank: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """Per draw: the probes' features at ``index`` [Q] (None: the oracle's choice in that draw) scored
+    against the draw's gallery (per-query results kept); and the indices used."""
+    Q = all_scales.shape[0]
+    results, picked = [], []
+    for draw in test.draws:
+        g = gallery[draw]
+        idx = index  # ideal: per probe the scale ranking a true match best in this draw
+        if idx is None:
+            idx = ideal_scale(all_scales, torch.as_tensor(test.q_pids), g, torch.as_tensor(test.g_pids[draw]))
+        picked.append(idx)
+        results.append(evaluate_features(all_scales[torch.arange(Q), idx], g, test.q_pids, test.g_pids[draw],
+                                         test.q_cams, test.g_cams[draw], max_rank=max_rank, per_query=True))
+    return results, picked
+
+
+def noisy_scales(all_scales: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """N features per probe that differ only by noise: the mean of its N scale features plus
+    isotropic Gaussian noise, centred and scaled so that the copies have exactly the real ones'
+    mean and per-probe spread around it (RMS per dimension). The oracle among them ("Noise
+    oracle") gains from selection on noise alone: the part of Ideal's lead that is no headroom
+    for a predictor."""
+    def spread(f):  # [Q, 1, 1] RMS per dimension around the probe's mean feature
+        return (f - f.mean(1, keepdim=True)).pow(2).mean((1, 2), keepdim=True).sqrt()
+
+    noise = torch.randn(all_scales.shape, generator=torch.Generator().manual_seed(seed))
+    noise = (noise - noise.mean(1, keepdim=True)) / spread(noise)
+    return all_scales.mean(1, keepdim=True) + spread(all_scales) * noise
 
 
 @torch.no_grad()

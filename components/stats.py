@@ -32,9 +32,6 @@ much, from per-scale results first_rank / ap [D draws, Q probes, N scales]:
 
 - oracle: the in-sample choice (lowest first rank; ties: higher AP, then lower
   scale index), :func:`oracle_index`;
-- noise oracle: the same choice among N (rank, AP) pairs drawn with replacement
-  from the probe's own N x D pairs, i.e. scales made exchangeable: the lead an
-  oracle gets from noise alone;
 - held-out oracle: each draw's choice made from the other draws (lowest mean
   first rank over them, ties as above), :func:`held_out_index`: the lead that
   survives when the choice cannot see the draw's noise;
@@ -161,22 +158,20 @@ def record_diffs(rank_a, ap_a, rank_b, ap_b, q_pids) -> tuple[np.ndarray, np.nda
 
 
 # ---------------------------------------------------------------------- oracles
-def oracle_baselines(first_rank, ap, *, n_sim: int = 20, seed: int = 0) -> dict[str, dict[str, float]]:
+def oracle_baselines(first_rank, ap) -> dict[str, dict[str, float]]:
     """The "Ideal" row's selection bias, as rank-1 and mAP (%) over the valid probe-draws.
 
     ``first_rank`` [D, Q, N] (int, 0-based, -1: no valid match in that draw, at
     every scale) and ``ap`` [D, Q, N] (0..1) per draw, probe and scale. Returns
-    ``{"oracle", "noise_oracle", "held_out_oracle", "mean_of_scales"}``, each
-    ``{"rank1": float, "mAP": float}`` (see the module docstring); the noise
-    oracle is averaged over ``n_sim`` simulations seeded by ``seed``.
+    ``{"oracle", "held_out_oracle", "mean_of_scales"}``, each
+    ``{"rank1": float, "mAP": float}`` (see the module docstring). A noise baseline
+    needs the features (a probe's scales share one draw's gallery, so their results
+    are not exchangeable records): ``components.evaluation.noise_oracle``.
     """
     rank, ap = _check_scales(first_rank, ap)
     if rank.shape[0] < 2:
         raise ValueError(f"first_rank has {rank.shape[0]} gallery draw: the held-out oracle needs at least 2")
-    if isinstance(n_sim, bool) or not isinstance(n_sim, (int, np.integer)) or n_sim < 1:
-        raise ValueError(f"n_sim = {n_sim!r}: expected an integer >= 1")
     return {"oracle": rank1_map(*take(rank, ap, _best(rank, ap))),
-            "noise_oracle": _noise_oracle(rank, ap, n_sim, seed),
             "held_out_oracle": rank1_map(*take(rank, ap, _held_out(rank, ap))),
             "mean_of_scales": rank1_map(rank, ap)}
 
@@ -227,27 +222,6 @@ def _held_out(rank: np.ndarray, ap: np.ndarray) -> np.ndarray:
     rank = np.where(valid, rank, 0)
     ap = np.where(valid, ap, 0.0)
     return _best(rank.sum(0) - rank, ap.sum(0) - ap)
-
-
-def _noise_oracle(rank: np.ndarray, ap: np.ndarray, n_sim: int, seed: int) -> dict[str, float]:
-    """The oracle among N pairs drawn per valid record from its probe's pool of N x D
-    (rank, AP) pairs (its valid draws), averaged over ``n_sim`` simulations."""
-    N = rank.shape[-1]
-    d, q = np.nonzero(rank[..., 0] >= 0)
-    order = np.argsort(q, kind="stable")  # records of a probe contiguous: its pool is one flat slice
-    d, q = d[order], q[order]
-    flat_rank, flat_ap = rank[d, q].ravel(), ap[d, q].ravel()
-    count = np.bincount(q, minlength=rank.shape[1])
-    start = np.cumsum(count) - count
-    low, size = (N * start[q])[:, None], (N * count[q])[:, None]  # each record's pool: flat[low : low + size]
-    rng = np.random.default_rng(seed)
-    total = np.zeros(2)
-    for _ in range(n_sim):
-        pick = low + rng.integers(0, size, size=(len(q), N))
-        r, a = flat_rank[pick], flat_ap[pick]
-        i = _best(r, a)[:, None]
-        total += [np.mean(np.take_along_axis(r, i, 1) == 0), np.mean(np.take_along_axis(a, i, 1))]
-    return {"rank1": float(100 * total[0] / n_sim), "mAP": float(100 * total[1] / n_sim)}
 
 
 # ---------------------------------------------------------------------- inputs

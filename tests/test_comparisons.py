@@ -64,7 +64,7 @@ def test_the_claims_and_the_best_fixed_scale(scored):
     labels = [p[0] for p in pairs]
     assert labels == ["Adaptive - Fixed x1", "Adaptive - Fixed x2", "Adaptive - Fixed x4", "Adaptive - best fixed",
                       "Adaptive - Size-based", "Adaptive - Bicubic + F", "Ideal - Adaptive",
-                      "FFSR + RIFE - Bicubic + F"]
+                      "Ideal - Noise oracle", "FFSR + RIFE - Bicubic + F"]
     res = {r["label"]: r for r in C.compare(table, [p for p in pairs if "FFSR" not in p[0]], n_resamples=500)}
     best = res["Adaptive - best fixed"]["rank1"]
     singles = [res[f"Adaptive - Fixed x{r}"]["rank1"].mean for r in (1, 2, 4)]
@@ -146,3 +146,20 @@ def test_compare_aggregates_splits_and_refuses_bad_files(scored, tmp_path, monke
     err = capsys.readouterr().err
     assert "lacking.parquet: no records of the row(s) ['Ideal']" in err
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()  # nothing written
+
+
+def test_noise_copies_have_the_real_per_probe_spread_and_no_structure():
+    from components.evaluation import noisy_scales
+
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(50, 4, 1, generator=g) * 3 + torch.randn(50, 1, 512, generator=g)  # a probe-level scale
+    noisy = noisy_scales(real, seed=0)
+    assert noisy.shape == real.shape
+    rms = lambda f: (f - f.mean(1, keepdim=True)).pow(2).mean((1, 2)).sqrt()  # noqa: E731
+    assert torch.allclose(rms(noisy), rms(real), rtol=1e-5)  # the same per-probe spread
+    assert torch.allclose(noisy.mean(1), real.mean(1), atol=1e-5)  # around the same mean
+    # no structure: the real copies differ along one direction, the noise ones in all 512
+    corr = lambda f: torch.nn.functional.cosine_similarity(*(f - f.mean(1, keepdim=True))[:, :2].unbind(1), dim=1)  # noqa
+    # (centred noise copies: -1 / (N - 1) on average, +- 1 / sqrt(512) per probe)
+    assert corr(real).abs().min() > 0.99 and abs(float(corr(noisy).mean()) + 1 / 3) < 0.05
+    assert not torch.equal(noisy_scales(real, seed=1), noisy) and torch.equal(noisy_scales(real, seed=0), noisy)

@@ -61,7 +61,8 @@ def test_rows_of_table_2_from_one_pass(split_table, pri):
     one = pri.embed_all_scales(torch.stack([emb_input for emb_input in _probe_images(test)[:1]]))
     assert torch.allclose(one[0], emb.all_scales[0], atol=1e-5)
     rows = score(pri, emb, test, hr_height=32, max_rank=5)
-    assert list(rows) == ["Fixed x1", "Fixed x2", "Fixed x4", "Size-based", "Adaptive (PRI)", "Ideal", "Bicubic + F"]
+    assert list(rows) == ["Fixed x1", "Fixed x2", "Fixed x4", "Size-based", "Adaptive (PRI)", "Ideal", "Noise oracle",
+                          "Bicubic + F"]
     for name, r in rows.items():
         assert 0 <= r["rank1"] <= r["rank5"] <= 100 and 0 < r["mAP"] <= 100, name
         assert r["repeats"] == 3 and r["cmc"].shape == (5,)

@@ -163,16 +163,6 @@ def test_oracle_on_exchangeable_scales():
     assert out["oracle"]["mAP"] > out["mean_of_scales"]["mAP"] + 10 * se
     assert abs(out["held_out_oracle"]["mAP"] - out["mean_of_scales"]["mAP"]) <= SE_TOL * (se + se_probe)
 
-    # The noise oracle draws N pairs from the probe's pool: it hits with probability
-    # 1 - (1 - h_q)^N, h_q the pool's fraction of rank 0 (exact given the data; 20 simulations).
-    pool_hits = ((rank == 0).sum((0, 2)) / (N * valid.sum(0)))
-    expected_noise = 100 * (1 - (1 - np.broadcast_to(pool_hits, valid.shape)[valid]) ** N).mean()
-    assert abs(out["noise_oracle"]["rank1"] - expected_noise) <= SE_TOL * se / math.sqrt(20)
-    # ... which is the oracle's expected value up to the pool's finite size: second-order
-    # (Jensen) bias of 1 - (1 - h)^N with var(h) <= 1/4 / (N D), bounded by N (N - 1) / 2 of it.
-    jensen = 100 * N * (N - 1) / 2 * 0.25 / (N * D)
-    assert abs(out["noise_oracle"]["rank1"] - out["oracle"]["rank1"]) <= SE_TOL * se + jensen
-
 
 def test_held_out_oracle_finds_a_systematically_best_scale():
     rng = np.random.default_rng(5)
@@ -229,7 +219,7 @@ def test_tie_rules_and_excluded_probes_against_a_loop():
         expected = reference_choice(rank, np.nan_to_num(ap), held_out)
         np.testing.assert_array_equal(choose(rank, ap)[valid], expected[valid])
 
-    out = oracle_baselines(rank, ap, n_sim=3)
+    out = oracle_baselines(rank, ap)
     chosen = take(rank, ap, reference_choice(rank, np.nan_to_num(ap), held_out=False).clip(0))
     assert out["oracle"]["rank1"] == pytest.approx(100 * (chosen[0][valid] == 0).mean())
     assert out["oracle"]["mAP"] == pytest.approx(100 * chosen[1][valid].mean())
@@ -237,8 +227,8 @@ def test_tie_rules_and_excluded_probes_against_a_loop():
                                                    "mAP": 100 * ap[valid].mean()})
     # what invalid records hold, and a probe without any match, change nothing
     garbage = np.where(rank < 0, 5.0, ap)
-    assert oracle_baselines(rank, garbage, n_sim=3) == out
-    assert oracle_baselines(rank[:, 1:], ap[:, 1:], n_sim=3) == out
+    assert oracle_baselines(rank, garbage) == out
+    assert oracle_baselines(rank[:, 1:], ap[:, 1:]) == out
 
 
 def test_rank1_map_excludes_invalid_records():
@@ -279,6 +269,4 @@ def test_oracle_input_errors():
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             oracle_baselines(*args)
-    with pytest.raises(ValueError, match="n_sim"):
-        oracle_baselines(rank, ap, n_sim=0)
     assert stats.oracle_baselines(rank.astype(float), ap)["oracle"] == {"rank1": 100.0, "mAP": 50.0}
