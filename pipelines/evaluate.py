@@ -271,10 +271,12 @@ def write_statistics(rows: dict, test, emb, pri, resamples: int, source: dict) -
                 + "\n## The oracle's headroom\n\n" + oracle_markdown(oracle)
                 + ("\n## Is P predicting anything?\n\n" + predictor_markdown(predictor) if predictor else ""))
     headline = {}
-    for p in pairs:
+    for p in pairs:  # e.g. adaptive_best_fixed.rank1, .rank1_low, .rank1_high, .rank1_p, the same for mAP
         key = _key(p["label"])
-        headline.update({f"{key}.rank1": p["rank1"].mean, f"{key}.rank1_low": p["rank1"].low,
-                         f"{key}.rank1_high": p["rank1"].high, f"{key}.rank1_p": p["rank1"].p_value})
+        for m in ("rank1", "mAP"):
+            d = p[m]
+            headline.update({f"{key}.{m}": d.mean, f"{key}.{m}_low": d.low, f"{key}.{m}_high": d.high,
+                             f"{key}.{m}_p": d.p_value})
     if predictor:
         headline.update(p_agreement=predictor["agreement"], p_chance_agreement=predictor["chance_agreement"],
                         p_mean_entropy=predictor["mean_entropy"], p_max_entropy=predictor["max_entropy"])

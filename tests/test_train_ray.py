@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    start_local_ray(num_cpus=2)
+    """A local Ray whose workers have a simulated broken bf16 convolution (tests/faults.py): the tests
+    train in fp32 except the one that checks what explicit bf16 does on such a CPU."""
+    start_local_ray(num_cpus=2, runtime_env={"worker_process_setup_hook": "tests.faults.break_bf16",
+                                             "env_vars": {"PYTHONPATH": str(REPO)}})
     yield
     ray.shutdown()
 
@@ -221,3 +224,19 @@ def test_a_split_too_small_for_one_batch_fails_before_ray(split_dir, tmp_path):
         check_batch_fits(tiny_params(tmp_path, identities_per_batch=11), pairs)
     with pytest.raises(StageError, match=r"on each of train.num_workers = 2"):
         check_batch_fits(tiny_params(tmp_path, identities_per_batch=6, num_workers=2), pairs)
+
+
+def test_explicit_bf16_on_a_broken_cpu_stops_the_stage_before_training(local_ray, split_dir, workdir):
+    from pipelines.common import StageError
+    from pipelines.ray_train import run_stage
+    from pipelines.tracking import client
+
+    with pytest.raises(StageError) as err:
+        run_stage(tiny_params(workdir / "ray", precision="bf16"), phase="pretrain", split_dir=split_dir,
+                  out=workdir / "pre.pt", report=workdir / "pre.json")
+    msg = str(err.value)
+    assert msg.startswith("pretrain stopped: train.precision = 'bf16' is broken on this CPU (Conv2d")
+    assert "use train.precision: fp32 or auto" in msg and "\n" not in msg
+    assert not (workdir / "pre.pt").exists()
+    runs = client().search_runs([e.experiment_id for e in client().search_experiments()])
+    assert runs and all("L" not in r.data.metrics for r in runs)  # stopped before any training step
