@@ -112,13 +112,15 @@ def autocast(device, precision: str):
 
 
 def layer_inputs(model: nn.Module, forward: Callable[[], object]) -> list[tuple[nn.Module, torch.Size]]:
-    """Every distinct (conv / linear layer, input shape) that ``forward()`` (an fp32 forward of
-    ``model`` on a real batch) runs, in order."""
-    seen: dict[tuple[int, torch.Size], tuple[nn.Module, torch.Size]] = {}
+    """One (conv / linear layer, input shape) per distinct kernel call that ``forward()`` (an fp32
+    forward of ``model`` on a real batch) makes, in order: layers of the same configuration
+    (``repr``: channels, kernel, stride, padding, bias) at the same input shape run the same
+    kernel, whatever their weights, so one of them stands for all."""
+    seen: dict[tuple[str, torch.Size], tuple[nn.Module, torch.Size]] = {}
 
     def hook(module, args):
         if args and torch.is_tensor(args[0]):
-            seen.setdefault((id(module), args[0].shape), (module, args[0].shape))
+            seen.setdefault((repr(module), args[0].shape), (module, args[0].shape))
 
     modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
