@@ -29,15 +29,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
 
 
-def _dvc_status(target: str) -> dict | None:
-    """DVC's own view of data.dvc: {} when data/raw has the recorded md5, None without DVC repo."""
+def _md5s(raw: Path) -> tuple[str, str] | None:
+    """(md5 that data.dvc records, md5 of ``raw`` as DVC hashes a folder); None without a DVC repo
+    or data.dvc. Hashes the folder itself: `dvc status` cannot tell a changed folder from one
+    that is only missing from the cache (every fresh clone)."""
     try:
+        import yaml
         from dvc.repo import Repo
+        from dvc_data.hashfile.build import build
 
+        recorded = yaml.safe_load(Path("data.dvc").read_text())["outs"][0]["md5"]
         with Repo(".") as repo:
-            return repo.status(targets=[target])
+            _, _, obj = build(repo.cache.local, str(raw), repo.fs, "md5", dry_run=True, ignore=repo.dvcignore)
+        return recorded, obj.hash_info.value
     except Exception as exc:  # not a DVC repo, or no data.dvc yet
-        log.debug("dvc status %s: %s", target, exc)
+        log.debug("md5 of %s against data.dvc: %s", raw, exc)
         return None
 
 
@@ -72,11 +78,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _report_dvc(raw: Path) -> None:
-    status = _dvc_status("data.dvc")
-    if status == {}:
+    md5s = _md5s(raw)
+    if md5s is None:
+        return
+    if md5s[0] == md5s[1]:
         log.info("%s matches the md5 recorded in data.dvc", raw)
-    elif status:
-        log.warning(
-            "%s differs from the version data.dvc records (other data.synthetic params?); "
-            "record it with `dvc add %s` and commit data.dvc", raw, raw,
-        )
+    else:
+        log.warning("%s (md5 %s) differs from the version data.dvc records (%s; other data.synthetic params?): "
+                    "record it with `dvc add %s` and commit data.dvc", raw, md5s[1], md5s[0], raw)
