@@ -94,13 +94,12 @@ def check_per_probe(table: pa.Table, source: str, rows: list[str], expect: dict 
 
 
 def arrays(table: pa.Table, row: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first_rank [D, Q], ap [D, Q], person_id [Q]) of one row, probes in image_id order."""
-    part = table.filter(pc.equal(table["row"], row)).sort_by([("draw", "ascending"), ("image_id", "ascending")])
-    D = len(pc.unique(part["draw"]))
-    Q = part.num_rows // D
-    rank = part["first_rank"].to_numpy().reshape(D, Q)
-    ap = part["ap"].to_numpy(zero_copy_only=False).reshape(D, Q)
-    return rank, ap, part["person_id"].to_numpy()[:Q]
+    """(first_rank [D, Q], ap [D, Q], person_id [Q]) of one row, probes in image_id order
+    (a table of one split: every draw holds the same probes)."""
+    keys, rank, ap, pids = records(table, row)
+    D = len({draw for draw, _ in keys})
+    Q = len(keys) // D
+    return rank.reshape(D, Q), ap.reshape(D, Q), pids[:Q]
 
 
 def records(table: pa.Table, row: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
@@ -144,13 +143,20 @@ def claims(rows: list[str]) -> list[tuple[str, str | list[str], str]]:
 def compare(table: pa.Table, pairs, *, n_resamples: int = 10000, seed: int = 0) -> list[dict]:
     """Each pair's mean difference of rank-1 and of mAP (points) with a 95% identity-bootstrap
     interval and p-value; one dict per pair: label, a, b, rank1: PairedDiff, mAP: PairedDiff."""
+    rows: dict[str, tuple] = {}  # each row's records, read once
+
+    def rec(row: str) -> tuple:
+        if row not in rows:
+            rows[row] = records(table, row)
+        return rows[row]
+
     out = []
     for label, a, b in pairs:
-        keys, rank_a, ap_a, pids = records(table, a)
+        keys, rank_a, ap_a, pids = rec(a)
         bs = b if isinstance(b, list) else [b]
         diffs = []
         for x in bs:
-            keys_b, rank_b, ap_b, _ = records(table, x)
+            keys_b, rank_b, ap_b, _ = rec(x)
             if keys_b != keys:
                 raise PerProbeError(f"rows {a!r} and {x!r} do not hold the same probes and draws: they cannot be "
                                     "compared record by record; re-run the evaluate stage")
