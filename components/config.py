@@ -106,6 +106,7 @@ class SplitParams(_Section):
     seed: int = 0  # one identity split per seed; the paper's ten re-splits are ten seeds
     test_identities: int | None = Field(None, ge=1)  # null: the dataset's standard size
     repeats: int = Field(10, ge=1, le=100)  # gallery draws within one split
+    val_identities: int = Field(50, ge=0)  # training ids held out for validation (curves, tune); 0: none
 
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
@@ -159,6 +160,7 @@ class ModelParams(_Section):
     predictor_height: int = Field(64, ge=16)  # ... and to this before P, which only sees x_l (paper: 384)
     predictor_width: int = Field(32, ge=8)  # (paper: 128)
     feature_dim: int = Field(512, ge=1)  # 1x1 conv after pooling (paper: 2048 -> 512)
+    width: int = Field(32, ge=8)  # ResNet channels of P, F (and RIFE): 64 = torchvision's (paper); 32 = ~1/4 the cost
     last_stride: Literal[1, 2] = 2  # ResNet layer4 stride: 1 = the re-id "last stride 1" trick (paper), 2 = cheaper
     reid: Literal["resnet", "rife"] = "resnet"  # F: the paper's ResNet module or RIFE ("RIFE + PRI")
     sr: SRParams = SRParams()
@@ -174,6 +176,13 @@ class ModelParams(_Section):
     @classmethod
     def _gamma(cls, v):
         return parse_gamma(v)
+
+    @model_validator(mode="after")
+    def _weights_need_torchvision_width(self):
+        if self.backbone_weights is not None and self.width != 64 and self.backbone != "mobilenet_v3_small":
+            raise ValueError(f"model.width = {self.width} with model.backbone_weights: ImageNet weights exist only "
+                             "for torchvision's width 64; set model.width: 64 or model.backbone_weights: null")
+        return self
 
 
 class LossParams(_Section):
@@ -196,10 +205,10 @@ class TrainParams(_Section):
     flip_p: float = Field(0.5, ge=0, le=1)  # joint horizontal flip of {x_h, x_l, x_sl}
     seed: int = 0
     lr_backbone: float = Field(0.001, gt=0)  # Adam (0.9, 0.999) learning rate of the backbones (paper: 0.01)
-    lr_head: float = Field(0.0003, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers) (paper: 0.1)
+    lr_head: float = Field(0.001, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers) (paper: 0.1)
     lr_decay: float = Field(1.0, gt=0, le=1)  # after T1 both rates are multiplied by this (paper: 0.1)
-    pretrain_epochs: int = Field(1, ge=1)  # T1 (paper: 20; CAVIAR 60)
-    epochs: int = Field(1, ge=1)  # T2 (paper: 60; CAVIAR 140)
+    pretrain_epochs: int = Field(4, ge=1)  # T1 (paper: 20; CAVIAR 60)
+    epochs: int = Field(4, ge=1)  # T2 (paper: 60; CAVIAR 140)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
     label_refresh: Literal["cached", "naive"] = "cached"  # label bank every omega epochs, or every step
     track_images: int = Field(4, ge=0)  # training images whose r_p is logged every joint epoch (PRI Fig. 3)
@@ -272,11 +281,10 @@ class TuneParams(_Section):
     epochs: int = Field(3, ge=1)  # joint epochs of a trial that is never stopped (ASHA's max_t)
     grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
     reduction_factor: int = Field(2, ge=2)  # ASHA keeps 1 / reduction_factor of the trials at each rung
-    val_identities: int = Field(50, ge=1)  # training identities held out for validation rank-1 (never test ids)
     pretrain: Literal["shared", "per_trial"] = "shared"  # shared: trials start from models/pretrain.pt;
     #                                                      per_trial: each trial pretrains (T1) with its own config
     name: str = Field("lrreid-tune", pattern=r"^[A-Za-z0-9_.-]+$")  # the search's folder under train.storage_path
-    seed: int = 0  # the validation hold-out and the search's sampling
+    seed: int = 0  # the search's sampling
     space: dict[str, dict[str, list]] = DEFAULT_SPACE  # dotted key -> {choice|grid: [...]} | {uniform|loguniform: [lo, hi]}
 
 
@@ -361,6 +369,12 @@ class Params(_Section):
                     "split.test_identities", self.split.test_identities,
                     f"leaves {n_train} training identities, but a batch needs train.identities_per_batch = "
                     f"{self.train.identities_per_batch} per worker ({self.train.num_workers}); lower one of them")
+            if n_train - self.split.val_identities < self.train.identities_per_batch * self.train.num_workers:
+                raise _KeyError(
+                    "split.val_identities", self.split.val_identities,
+                    f"leaves {n_train - self.split.val_identities} of the {n_train} training identities to train "
+                    f"on, but a batch needs train.identities_per_batch = {self.train.identities_per_batch} per worker "
+                    f"({self.train.num_workers}); lower split.val_identities (0: no validation)")
         if self.degrade.protocol == "mlr" and max(self.degrade.scales) > max(self.model.scales):
             raise _KeyError(
                 "degrade.scales", self.degrade.scales,

@@ -380,6 +380,39 @@ def r_p_evolution(history: dict[str, list[tuple[int, float]]], path, *,
     return _save(fig, path)
 
 
+def training_curves(phases: dict[str, list[dict]], path, *, title: str = "Training curves") -> Path:
+    """Loss L and validation rank-1 per epoch, the phases one after the other (pretrain, then joint).
+
+    ``phases`` maps a phase name to its epochs' metrics (dicts with "L" and, where a
+    validation set was scored, "val_rank1"); a dashed line marks where a phase starts.
+    """
+    if not any(phases.values()):
+        raise ValueError("phases: expected at least one epoch, got none")
+    fig = Figure(figsize=(7.2, 3.4))
+    ax_loss, ax_val = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    start = 0
+    for phase, epochs in phases.items():
+        x = [start + i + 1 for i in range(len(epochs))]
+        ax_loss.plot(x, [e.get("L", np.nan) for e in epochs], marker="o", markersize=3, label=phase)
+        if any("val_rank1" in e for e in epochs):
+            ax_val.plot(x, [e.get("val_rank1", np.nan) for e in epochs], marker="o", markersize=3, label=phase)
+        if start:
+            for ax in (ax_loss, ax_val):
+                ax.axvline(start + 0.5, color="grey", linestyle="--", linewidth=0.8)
+        start += len(epochs)
+    for ax, label in ((ax_loss, "training loss L"), (ax_val, "validation rank-1 (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.4)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    ax_val.set_title("held-out training identities", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def image_grid(rows: list[list], path, *, row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None) -> Path:
     """A plain grid of images (rows may differ in length), e.g. LR | recovered x1..x4 | HR.

@@ -19,7 +19,7 @@ down-sampling factor, the oracle's selection-bias baselines, and P's diagnostics
 (agreement with the oracle's best scale against chance, entropy, confusion matrix).
 
 Inputs:  data/split/split.parquet, models/model.pt, models/ablation/<variant>/model.pt,
-         reports/plots/r_p_history.csv (train)
+         reports/plots/r_p_history.csv (train), reports/plots/{pretrain,joint}_curve.csv
 Outputs: reports/eval/per_probe.parquet: one record per row x gallery draw x probe
            (row, draw, image_id, person_id, true_scale, scale, first_rank: 0-based
            rank of the first true match or -1, ap), its split and model in the metadata;
@@ -326,6 +326,7 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     from components import figures
     from components.data.dataset import group_by_size
     from components.evaluation import decode_images
+    from pipelines.ray_train import read_curve
 
     out = [figures.cmc_chart({n: r["cmc"] / 100 for n, r in rows.items()}, FIGURES / "cmc.png",
                              title=f"CMC, mean of {next(iter(rows.values()))['repeats']} gallery draws")]
@@ -341,6 +342,10 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
                 series.setdefault(row["image"], []).append((int(row["epoch"]), float(row["r_p"])))
         if series:
             out.append(figures.r_p_evolution(series, FIGURES / "r_p_evolution.png", scales=scales))
+    curves = {phase: read_curve(Path(PLOTS) / f"{phase}_curve.csv") for phase in ("pretrain", "joint")
+              if (Path(PLOTS) / f"{phase}_curve.csv").exists()}  # written by the pretrain and train stages
+    if any(curves.values()):
+        out.append(figures.training_curves(curves, FIGURES / "training_curves.png"))
     if n_probes == 0:
         return out
     # a few probes, spread over the true down-sampling factors

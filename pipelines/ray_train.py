@@ -438,6 +438,30 @@ def write_r_p_history(history: list[dict], path: Path) -> None:
                     w.writerow([int(metrics["epoch"]), image, value, metrics.get(f"r_opt/{image}", "")])
 
 
+CURVE_COLUMNS = ("epoch", "L", "L_id", "L_tri", "L_sr", "L_p", "val_rank1", "val_mAP", "lr_backbone", "lr_head")
+
+
+def write_curve(history: list[dict], path: Path) -> None:
+    """One row per epoch: the losses, the validation rank-1 / mAP and the rates (a DVC plots CSV)."""
+    import csv
+
+    from components.fsutil import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CURVE_COLUMNS)
+        for metrics in history:
+            w.writerow([int(metrics["epoch"])] + [metrics.get(k, "") for k in CURVE_COLUMNS[1:]])
+
+
+def read_curve(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
 def code_md5() -> str:
     """md5 of the package's Python sources: changed code is a new Ray run, never a resumed old one."""
     import hashlib
@@ -453,19 +477,19 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
               init: Path | None = None, variant: str | None = None) -> dict:
     """Train one phase end to end: MLflow run, Ray Train fit, final weights + metrics JSON (the DVC outs).
     ``variant``: an ablation variant (params already carry its overrides; only tags and the r_p plot differ)."""
-    import pyarrow.compute as pc
-
     from components.data import table as T
+    from components.data.splits import training_rows
     from components.fsutil import write_json
     from components.training import load_weights_file, save_weights_dict
     from pipelines import tracking
 
     split_file, pairs_file = split_dir / "split.parquet", split_dir / "pairs.parquet"
-    split = T.read_table(split_file, T.SPLIT_SCHEMA)
-    table = split.filter(pc.equal(split[T.SPLIT], "train"))
-    pairs = T.read_table(pairs_file, T.PAIRS_SCHEMA)
+    table, pairs, validation = training_rows(T.read_table(split_file, T.SPLIT_SCHEMA),
+                                             T.read_table(pairs_file, T.PAIRS_SCHEMA),
+                                             n_val=params.split.val_identities, seed=params.split.seed)
     init_state = None
-    inputs = {"split": _md5(split_file), "pairs": _md5(pairs_file), "code": code_md5()}
+    inputs = {"split": _md5(split_file), "pairs": _md5(pairs_file), "code": code_md5(),
+              "val_identities": params.split.val_identities}
     if init is not None:
         init_state, _ = load_weights_file(init)
         inputs["init"] = _md5(init)
@@ -478,15 +502,18 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
     started = time.perf_counter()
     try:
         state, metrics = fit(params, phase=phase, name=name, table=table, pairs=pairs, run_id=run_id,
-                             init_state=init_state)
+                             init_state=init_state, validation=validation)
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     meta = {"phase": phase, "model": params.train.model, "num_classes": int(len(set(table[T.PERSON_ID].to_pylist()))),
             "epochs": int(state["epoch"]) + 1, "mlflow_run_id": run_id, "ray_run": name, "variant": variant or ""}
     save_weights_dict(state["model"], out, meta)
+    history = state["extra"].get("history", [])
+    if variant is None:  # the main model's curves: losses and validation rank-1 per epoch (evaluate draws them)
+        write_curve(history, Path(report).parent / "plots" / f"{phase}_curve.csv")
     if phase == "joint" and params.train.model == "pri" and variant is None:  # the main model's Fig. 3
-        write_r_p_history(state["extra"].get("history", []), Path(report).parent / "plots" / "r_p_history.csv")
+        write_r_p_history(history, Path(report).parent / "plots" / "r_p_history.csv")
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     summary["wall_seconds"] = time.perf_counter() - started
     write_json(report, summary)

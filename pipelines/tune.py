@@ -1,6 +1,6 @@
 """Hyperparameter search on Ray Tune: each trial runs the training driver, ASHA on validation rank-1.
 
-`tune.val_identities` training identities are held out of the split as a
+`split.val_identities` training identities are held out of the split as a
 validation set (probes: their LR images; gallery: one HR image each; never a
 test identity). Each of `tune.num_samples` trials draws a point of `tune.space`
 and is a Tune function that builds and fits the project's TorchTrainer
@@ -140,7 +140,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from components.data import table as T
-    from components.data.splits import hold_out_validation
+    from components.data.splits import training_rows
     from components.fsutil import write_json
     from pipelines import tracking
     from pipelines.ray_train import connect
@@ -150,9 +150,12 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
         raise StageError(f"train.model = {params.train.model!r}: the search tunes PRI (train.model: pri); its "
                          "validation metric is the adaptive rank-1")
     split = T.read_table(split_dir / "split.parquet", T.SPLIT_SCHEMA)
-    held = hold_out_validation(split, n_val=t.val_identities, seed=t.seed)
-    is_train = pc.equal(held.table[T.SPLIT], "train")
-    train_rows, validation = held.table.filter(is_train), held.table.filter(pc.invert(is_train))
+    if params.split.val_identities == 0:
+        raise StageError("split.val_identities = 0: the search needs validation identities (its metric is "
+                         "the validation rank-1); set split.val_identities, e.g. 50")
+    pairs = T.read_table(split_dir / "pairs.parquet", T.PAIRS_SCHEMA)
+    train_rows, train_pairs, validation = training_rows(split, pairs, n_val=params.split.val_identities,
+                                                        seed=params.split.seed)
     storage_path = params.train.storage_path
     root = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     path = f"{root}/{t.name}"
@@ -171,10 +174,10 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
                                 tags={"stage": "tune", "search_path": path})
     started = time.perf_counter()
     try:
-        init_state = shared_pretrain(base, path, train_rows, held.pairs, validation, parent) \
+        init_state = shared_pretrain(base, path, train_rows, train_pairs, validation, parent) \
             if t.pretrain == "shared" else None
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, table=train_rows, pairs=held.pairs, validation=validation,
+            tune.with_parameters(run_trial, base=base, table=train_rows, pairs=train_pairs, validation=validation,
                                  init_state=init_state, storage=f"{path}-train"),
             # the trial only drives its TorchTrainer (the workers bring their own CPUs / GPUs): it holds a
             # little of Ray's "memory" resource and no CPU, so a trial's workers may take every CPU of a node

@@ -53,7 +53,8 @@ def test_two_workers_on_two_nodes_checkpoint_to_storage_and_log_once(two_nodes, 
     storage = tmp_path / "shared"  # on a real cluster: NFS or s3://...
     params = validate_params({"model": tiny_model_params().model_dump(mode="json"), "train": dict(
         identities_per_batch=4, images_per_identity=2, pretrain_epochs=2, precision="fp32", num_workers=2,
-        cpus_per_worker=1, storage_path=str(storage), ray_address=address, max_failures=0)})
+        cpus_per_worker=1, storage_path=str(storage), ray_address=address, max_failures=0),
+        "split": {"val_identities": 0}})
     summary = run_stage(params, phase="pretrain", split_dir=split_dir, out=tmp_path / "pre.pt",
                         report=tmp_path / "pretrain.json")
     assert summary["epoch"] == 1 and summary["samples"] > 0  # DDP over gloo across the two nodes

@@ -78,9 +78,11 @@ def test_shipped_params_are_the_code_defaults():
 
 def test_a_key_left_out_takes_the_shipped_value(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(_shipped().replace("  lr_head: 0.0003", "").replace("  last_stride: 2", ""))
+    text = _shipped()
+    assert "  lr_head: 0.001 " in text and "  last_stride: 2 " in text
+    path.write_text(text.replace("  lr_head: 0.001 ", "  ").replace("  last_stride: 2 ", "  "))
     p = load_params(path)
-    assert (p.train.lr_head, p.model.last_stride) == (0.0003, 2)
+    assert (p.train.lr_head, p.model.last_stride) == (0.001, 2)
 
 
 @pytest.mark.parametrize("text, fragments", [

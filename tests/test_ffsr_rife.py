@@ -208,7 +208,7 @@ def test_rife_imagenet_weights_load_into_both_streams(tmp_path):
     net = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pt"
     torch.save(net.state_dict(), path)
-    cfg = ModelParams(input_height=SIZE[0], input_width=SIZE[1], backbone_weights=str(path),
+    cfg = ModelParams(input_height=SIZE[0], input_width=SIZE[1], backbone_weights=str(path), width=64,
                       rife=RIFEParams(backbone="resnet18", feature_dim=32, weight_hidden=16))
     model = build_rife(cfg, num_classes=3)
     assert model.fc.out_features == 32 and model.blocks[0].weight_L.fc1.out_features == 16

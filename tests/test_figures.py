@@ -206,3 +206,12 @@ def test_forest_plot(tmp_path):
     with pytest.raises(ValueError, match="p_value"):
         figures.forest_plot([("A - B", 1.0, 0.0, 2.0, 1.5)], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_training_curves(tmp_path):
+    pre = [{"epoch": e, "L": 6 - e * 0.5, "val_rank1": 10 + 5 * e} for e in range(4)]
+    joint = [{"epoch": e, "L": 5 - e * 0.2, "val_rank1": 30 + e} for e in range(3)]
+    _png(figures.training_curves({"pretrain": pre, "joint": joint}, tmp_path / "curves.png"))
+    _png(figures.training_curves({"joint": [{"epoch": 0, "L": 1.0}]}, tmp_path / "no_val.png"))
+    with pytest.raises(ValueError, match="phases"):
+        figures.training_curves({"pretrain": []}, tmp_path / "none.png")

@@ -168,3 +168,14 @@ def test_load_weights_mismatch(tmp_path):
     torch.save(sd, tmp_path / "w2.pt")
     with pytest.raises(ValueError, match=r"missing 1: rdn\.sfe1\.weight.*unexpected 1: extra\.weight"):
         load_weights(MetaRDN(**TINY), tmp_path / "w2.pt", "model.sr.weights")
+
+
+def test_features_once_then_any_scale_equals_the_plain_call(g):
+    """G's RDN features are scale-independent (Meta-SR): PRI computes them once per size group."""
+    x = torch.rand(2, 3, 12, 6)
+    with torch.no_grad():
+        features = g.features(x)
+        for r in (1, 2, 3, 4):
+            assert torch.equal(g.upscale_features(features, x, r), g(x, r))
+    b = BicubicRecovery()
+    assert torch.equal(b.upscale_features(b.features(x), x, 3), b(x, 3))

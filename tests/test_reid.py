@@ -95,7 +95,7 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
         B.build_backbone("resnet18", weights=path)
     msg = str(e.value)
     assert str(path) in msg and "model.backbone_weights" in msg and "downloaded" in msg
-    cfg = ModelParams(backbone="resnet18", backbone_weights=str(path))
+    cfg = ModelParams(backbone="resnet18", backbone_weights=str(path), width=64)
     with pytest.raises(FileNotFoundError, match="model.backbone_weights"):
         build_predictor(cfg)
 
@@ -196,3 +196,40 @@ def test_model_last_stride_reaches_every_backbone():
             assert tuple(net.backbone(x).shape[-2:]) == size
         rife = build_rife(cfg, num_classes=3)
         assert rife.blocks[-1].stage_L[0].conv1.stride == (stride, stride)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_width_scales_every_layer_and_keeps_torchvision_names(name):
+    """model.width: the same network (torchvision's blocks and key names) with the channels scaled."""
+    full, c64 = B.build_backbone(name)
+    half, c32 = B.build_backbone(name, width=32)
+    assert c32 == c64 // 2 == B.stage_channels(name, 32)[-1]
+    assert list(half.state_dict()) == list(full.state_dict())  # same layers, same names
+    shapes = {k: v.shape for k, v in full.state_dict().items()}
+    for key, value in half.state_dict().items():
+        if value.ndim == 4:  # conv weights: both channel axes halved (the stem's input stays RGB)
+            out_c, in_c = shapes[key][:2]
+            assert value.shape[:2] == (out_c // 2, in_c if in_c == 3 else in_c // 2), key
+    n_full = sum(p.numel() for p in full.parameters())
+    n_half = sum(p.numel() for p in half.parameters())
+    assert 0.2 < n_half / n_full < 0.3
+    assert half(torch.rand(2, 3, *SIZE)).shape[1] == c32
+    stem, stages, chans = B.resnet_stages(name, width=32)
+    assert chans == B.stage_channels(name, 32)
+
+
+def test_width_reaches_p_f_and_rife_and_rejects_bad_values(tmp_path):
+    from components.models.rife import build_rife
+
+    cfg = ModelParams(backbone="resnet18", width=16, input_height=64, input_width=32, predictor_height=32,
+                      predictor_width=16)
+    assert build_predictor(cfg).out_channels == build_reid(cfg, 3).out_channels == 128
+    assert build_rife(cfg, 3).blocks[-1].stage_H[0].conv1.out_channels == 128
+    with pytest.raises(ValueError, match="multiple of 8"):
+        B.build_backbone("resnet18", width=20)
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    with pytest.raises(ValueError, match="model.width = 32.*width 64"):
+        B.build_backbone("resnet18", weights, width=32)
+    with pytest.raises(ValueError, match="model.width = 32 with model.backbone_weights"):
+        ModelParams(backbone="resnet18", width=32, backbone_weights=str(weights))

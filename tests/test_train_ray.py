@@ -45,7 +45,7 @@ def tiny_params(storage: Path, **train):
     t = dict(identities_per_batch=4, images_per_identity=2, pretrain_epochs=1, epochs=2, precision="fp32",
              storage_path=str(storage), max_failures=1, lr_backbone=1e-3, lr_head=1e-3, cpus_per_worker=1)
     t.update(train)
-    return validate_params({"model": m, "train": t})
+    return validate_params({"model": m, "train": t, "split": {"val_identities": 2}})
 
 
 @pytest.fixture
@@ -122,6 +122,13 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
     assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1]
     assert run.data.params["train.epochs"] == "2" and "git_commit" in run.data.tags
     assert "data_dvc_md5" in run.data.tags and run.info.status == "FINISHED"
+    # the validation curve: split.val_identities (2) held out of training, scored after every epoch
+    assert pre_meta["num_classes"] == meta["num_classes"] == 8  # the split's 10 training ids minus 2
+    assert [m.step for m in client().get_metric_history(meta["mlflow_run_id"], "val_rank1")] == [0, 1]
+    for phase, epochs in (("pretrain", 3), ("joint", 2)):
+        curve = (workdir / "plots" / f"{phase}_curve.csv").read_text().splitlines()
+        assert curve[0].startswith("epoch,L,") and len(curve) == 1 + epochs
+        assert all(0 <= float(row.split(",")[6]) <= 100 for row in curve[1:])  # val_rank1 in %
 
 
 def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):

@@ -46,12 +46,13 @@ def _env(tmp: Path, address: str) -> dict:
 
 
 def _params(tmp: Path, **tune) -> dict:
-    t = dict(num_samples=1, epochs=2, grace_period=1, reduction_factor=2, val_identities=2, name="tiny",
+    t = dict(num_samples=1, epochs=2, grace_period=1, reduction_factor=2, name="tiny",
              space={"train.precision": {"grid": ["fp32", "fp16"]},  # fp16 needs CUDA: that trial crashes
                     "model.gamma": {"choice": ["1/3", 3]}})
     t.update(tune)
     return {
         "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
+        "split": {"val_identities": 2},
         "model": tiny_model_params().model_dump(mode="json"),
         "train": dict(identities_per_batch=4, images_per_identity=2, pretrain_epochs=1, epochs=1, precision="fp32",
                       storage_path=str(tmp / "ray"), max_failures=0, cpus_per_worker=2, lr_backbone=1e-3,
@@ -200,8 +201,10 @@ def test_bad_space_or_cluster_fails_before_any_trial(split_dir, tmp_path, monkey
     assert "tune.space.model.gamma = 2 is not allowed" in err and "odd integer" in err
     _write(tmp_path, _params(tmp_path, space={"train.lr_head": {"loguniform": [-0.1, 0.1]}}))
     assert main(argv) == 2 and "0 < lo < hi" in capsys.readouterr().err
-    _write(tmp_path, _params(tmp_path, val_identities=9))  # 10 training identities: at most 8 held out
-    assert main(argv) == 2 and "tune.val_identities = 9" in capsys.readouterr().err
+    _write(tmp_path, {**_params(tmp_path), "split": {"val_identities": 9}})  # 10 training ids: at most 8 held out
+    assert main(argv) == 2 and "split.val_identities = 9" in capsys.readouterr().err
+    _write(tmp_path, {**_params(tmp_path), "split": {"val_identities": 0}})  # the search's metric needs some
+    assert main(argv) == 2 and "split.val_identities = 0" in capsys.readouterr().err
     assert not (tmp_path / "ray").exists()  # nothing started
 
     _write(tmp_path, _params(tmp_path))

@@ -158,7 +158,7 @@ def evaluation_set(table: pa.Table, repeat: int) -> tuple[pa.Table, pa.Table]:
 
 
 def hold_out_validation(split: pa.Table, *, n_val: int, seed: int) -> SplitResult:
-    """Hold ``n_val`` training identities out of a split table for validation (hyperparameter search).
+    """Hold ``n_val`` training identities out of a split table for validation.
 
     The training rows are split again like :func:`split_identities` with one gallery
     draw: the result's ``train`` rows and pairs are what is left to train on, its
@@ -168,7 +168,17 @@ def hold_out_validation(split: pa.Table, *, n_val: int, seed: int) -> SplitResul
     train = split.filter(pc.equal(split[T.SPLIT], "train")).drop_columns([T.SPLIT, T.REPEAT])
     n_ids = len(set(train[T.PERSON_ID].to_pylist()))
     if n_val < 1 or n_val > n_ids - 2:
-        raise SplitError(f"tune.val_identities = {n_val} is not allowed: the split has {n_ids} training "
-                         f"identities; hold out between 1 and {n_ids - 2} (some must stay for training)")
+        raise SplitError(f"split.val_identities = {n_val} is not allowed: the split has {n_ids} training "
+                         f"identities; hold out between 1 and {n_ids - 2} (some must stay for training), or 0")
     return split_identities(train, n_test=n_val, repeats=1, seed=seed)
 
+
+def training_rows(split: pa.Table, pairs: pa.Table, *, n_val: int, seed: int
+                  ) -> tuple[pa.Table, pa.Table, pa.Table | None]:
+    """(training rows, their LR/HR pairs, validation table or None) of a split table: ``n_val``
+    training identities held out by :func:`hold_out_validation` (none when ``n_val`` is 0)."""
+    if n_val == 0:
+        return split.filter(pc.equal(split[T.SPLIT], "train")), pairs, None
+    held = hold_out_validation(split, n_val=n_val, seed=seed)
+    is_train = pc.equal(held.table[T.SPLIT], "train")
+    return held.table.filter(is_train), held.pairs, held.table.filter(pc.invert(is_train))

@@ -8,6 +8,11 @@ keys are accepted) before the model is cut.
 
 ResNets use the re-id "last stride 1" trick by default: the first block of
 layer4 keeps stride 1, so the final map is 1/16 of the input instead of 1/32.
+
+``width`` scales a ResNet's channels (64 = torchvision's; 32 = half the channels
+of every layer, about 1/4 of the multiply-adds): the narrower trunk is built from
+torchvision's own blocks with torchvision's layer names, so it is the same network
+at another width. ImageNet weights exist only for width 64.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
 from components.models.weights import load_state_dict_file
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
@@ -28,6 +35,9 @@ STAGE_CHANNELS = {
     "resnet34": [64, 128, 256, 512],
     "resnet50": [256, 512, 1024, 2048],
 }
+RESNET_LAYOUT = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+                 "resnet50": (Bottleneck, (3, 4, 6, 3))}
+TORCHVISION_WIDTH = 64
 MOBILENET_CHANNELS = 576  # mobilenet_v3_small.features output
 
 
@@ -58,9 +68,15 @@ def _set_last_stride(net: torchvision.models.ResNet, stride: int) -> None:
         block.downsample[0].stride = (stride, stride)
 
 
-def _torchvision(name: str, weights, last_stride: int) -> nn.Module:
+def _torchvision(name: str, weights, last_stride: int, width: int = TORCHVISION_WIDTH) -> nn.Module:
     _check_name(name)
-    net = getattr(torchvision.models, name)(weights=None)
+    if name in RESNETS and width != TORCHVISION_WIDTH:
+        if weights is not None:
+            raise ValueError(f"model.width = {width}: ImageNet weights (model.backbone_weights) exist only for "
+                             f"width {TORCHVISION_WIDTH}; set model.width: {TORCHVISION_WIDTH} or backbone_weights: null")
+        net = _scaled_resnet(name, width)
+    else:
+        net = getattr(torchvision.models, name)(weights=None)
     if weights is not None:
         load_backbone_weights(net, weights, name)
     if name in RESNETS:
@@ -70,8 +86,38 @@ def _torchvision(name: str, weights, last_stride: int) -> nn.Module:
     return net
 
 
+def _scaled_resnet(name: str, width: int) -> nn.Module:
+    """torchvision's ResNet ``name`` with every layer's channels times width / 64 (no fc)."""
+    if width < 8 or width % 8:
+        raise ValueError(f"model.width = {width}: use a multiple of 8 (64 = torchvision's ResNet)")
+    block, depths = RESNET_LAYOUT[name]
+    net = nn.Module()
+    net.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    net.bn1, net.relu, net.maxpool = nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+    inplanes = width
+    for i, depth in enumerate(depths):
+        planes, stride, blocks = width * 2 ** i, 1 if i == 0 else 2, []
+        for _ in range(depth):
+            down = None
+            if stride != 1 or inplanes != planes * block.expansion:
+                down = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
+                                     nn.BatchNorm2d(planes * block.expansion))
+            blocks.append(block(inplanes, planes, stride, down))
+            inplanes, stride = planes * block.expansion, 1
+        setattr(net, f"layer{i + 1}", nn.Sequential(*blocks))
+    for m in net.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+def stage_channels(name: str, width: int = TORCHVISION_WIDTH) -> list[int]:
+    """Output channels of layer1..layer4 of ResNet ``name`` at ``width``."""
+    return [c * width // TORCHVISION_WIDTH for c in STAGE_CHANNELS[name]]
+
+
 def resnet_stages(
-    name: str, weights: str | Path | None = None, last_stride: int = 1
+    name: str, weights: str | Path | None = None, last_stride: int = 1, width: int = TORCHVISION_WIDTH
 ) -> tuple[nn.Module, list[nn.Module], list[int]]:
     """(stem, [layer1..layer4], their out channels) of a torchvision ResNet (for RIFE).
 
@@ -79,29 +125,29 @@ def resnet_stages(
     same map as ``build_backbone(name, weights, last_stride)``.
     """
     _check_name(name, RESNETS)
-    net = _torchvision(name, weights, last_stride)
+    net = _torchvision(name, weights, last_stride, width)
     stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))
     stages = [net.layer1, net.layer2, net.layer3, net.layer4]
-    return stem, stages, list(STAGE_CHANNELS[name])
+    return stem, stages, stage_channels(name, width)
 
 
 def build_backbone(
-    name: str, weights: str | Path | None = None, last_stride: int = 1
+    name: str, weights: str | Path | None = None, last_stride: int = 1, width: int = TORCHVISION_WIDTH
 ) -> tuple[nn.Module, int]:
     """A torchvision model cut before pooling: x [B,3,H,W] -> maps [B,C,h,w], and C.
 
     ResNets keep torchvision's key names (``conv1.weight``, ``layer4.2...``);
-    ``last_stride`` is ignored for mobilenet_v3_small.
+    ``last_stride`` and ``width`` are ignored for mobilenet_v3_small.
     """
     _check_name(name)
     if name in RESNETS:
-        net = _torchvision(name, weights, last_stride)
+        net = _torchvision(name, weights, last_stride, width)
         body = nn.Sequential(
             OrderedDict(
                 (k, getattr(net, k))
                 for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
             )
         )
-        return body, STAGE_CHANNELS[name][-1]
+        return body, stage_channels(name, width)[-1]
     net = _torchvision(name, weights, last_stride)
     return net.features, MOBILENET_CHANNELS

@@ -87,13 +87,25 @@ class PRI(nn.Module):
         return ungroup(groups, list(logits.split([len(g.index) for g in groups])), B)
 
     def recover(self, groups: Groups, r_index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """G_{r}(x) per sample, r = scales[r_index]: one G call per (size, scale) group."""
+        """G_{r}(x) per sample, r = scales[r_index]: G's features once per size group, its
+        meta-upscale once per (size, scale) group."""
         out = []
         for g in groups:
             idx_of = r_index[g.index]
+            features = self.G.features(g.images)
             for k in idx_of.unique().tolist():
                 sel = (idx_of == k).nonzero().squeeze(1)
-                out.append((g.index[sel], self.G(g.images[sel], float(self.scales[k]))))
+                out.append((g.index[sel], self.G.upscale_features(features[sel], g.images[sel], float(self.scales[k]))))
+        return out
+
+    def recover_all(self, groups: Groups) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """G_{r_i}(x) for every alternative r_i (per scale, as :meth:`recover` returns them), G's
+        features computed once per size group."""
+        out = [[] for _ in range(len(self.scales))]
+        for g in groups:
+            features = self.G.features(g.images)
+            for k in range(len(self.scales)):
+                out[k].append((g.index, self.G.upscale_features(features, g.images, float(self.scales[k]))))
         return out
 
     def embed(self, parts: list[tuple[torch.Tensor, torch.Tensor]], B: int) -> ReIDOutput:
@@ -131,10 +143,7 @@ class PRI(nn.Module):
         """d_i = ||F(G_{r_i}(x_l)) - F(x_h)|| for every alternative r_i -> [B, N] (input of Eq. 3)."""
         groups, B = as_groups(x_l)
         f_h = self.F(self._to_input(x_h)).feature
-        d = []
-        for k in range(len(self.scales)):
-            f_r = self.embed(self.recover(groups, torch.full((B,), k, device=x_h.device)), B).feature
-            d.append((f_r - f_h).norm(dim=1))
+        d = [(self.embed(parts, B).feature - f_h).norm(dim=1) for parts in self.recover_all(groups)]
         return torch.stack(d, dim=1)
 
     # ------------------------------------------------------------------ inference
@@ -156,9 +165,7 @@ class PRI(nn.Module):
     def embed_all_scales(self, x_l: torch.Tensor | Groups) -> torch.Tensor:
         """Features of x_l recovered at every alternative scale -> [B, N, D] (for the ideal predictor)."""
         groups, B = as_groups(x_l)
-        dev = groups[0].images.device
-        return torch.stack([self.embed(self.recover(groups, torch.full((B,), k, device=dev)), B).feature
-                            for k in range(len(self.scales))], dim=1)
+        return torch.stack([self.embed(parts, B).feature for parts in self.recover_all(groups)], dim=1)
 
 
 # ---------------------------------------------------------------------- scale choice (PRI Table 2)

@@ -194,7 +194,15 @@ class MetaRDN(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.arch.items())
 
     def forward(self, x: torch.Tensor, r: float) -> torch.Tensor:
-        y = self.upscale(self.rdn(x - 0.5), r)  # centred input (Meta-SR subtracts the RGB mean)
+        return self.upscale_features(self.features(x), x, r)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The RDN's scale-independent feature maps (Meta-SR: extracted once, up-scaled by any r)."""
+        return self.rdn(x - 0.5)  # centred input (Meta-SR subtracts the RGB mean)
+
+    def upscale_features(self, features: torch.Tensor, x: torch.Tensor, r: float) -> torch.Tensor:
+        """G_r(x) from ``features(x)``: the meta-upscale by r."""
+        y = self.upscale(features, r)
         # Not in Meta-SR: a residual of the bicubic-upsampled input, so an untrained G starts
         # near bicubic and G trains from scratch on CPU in few steps.
         return y + F.interpolate(x, size=y.shape[-2:], mode="bicubic", align_corners=False)
@@ -206,6 +214,12 @@ class BicubicRecovery(nn.Module):
     def forward(self, x: torch.Tensor, r: float) -> torch.Tensor:
         size = out_size(x.shape[-2], x.shape[-1], _check_scale(r))
         return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # no features: the same interface as MetaRDN
+
+    def upscale_features(self, features: torch.Tensor, x: torch.Tensor, r: float) -> torch.Tensor:
+        return self(x, r)
 
 
 def build_recovery(cfg: SRParams) -> nn.Module:

@@ -66,10 +66,10 @@ class ImageInput(nn.Module):
 class _Pooled(nn.Module):
     """Shared front of P and F: ImageInput -> backbone -> GAP."""
 
-    def __init__(self, backbone: str, input_size, weights, last_stride: int = 1):
+    def __init__(self, backbone: str, input_size, weights, last_stride: int = 1, width: int = 64):
         super().__init__()
         self.prep = ImageInput(input_size)
-        self.backbone, self.out_channels = build_backbone(backbone, weights, last_stride)
+        self.backbone, self.out_channels = build_backbone(backbone, weights, last_stride, width)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -88,10 +88,11 @@ class Predictor(_Pooled):
     """P: image -> N scale-factor logits (PRI Eq. 1)."""
 
     def __init__(self, backbone: str, num_scales: int, feature_dim: int = 512,
-                 input_size=(128, 64), weights: str | Path | None = None, last_stride: int = 1):
+                 input_size=(128, 64), weights: str | Path | None = None, last_stride: int = 1,
+                 width: int = 64):
         if num_scales < 1:
             raise ValueError(f"num_scales must be >= 1, got {num_scales}")
-        super().__init__(backbone, input_size, weights, last_stride)
+        super().__init__(backbone, input_size, weights, last_stride, width)
         self.reduce = nn.Conv2d(self.out_channels, feature_dim, 1)
         self.fc = nn.Linear(feature_dim, num_scales)
 
@@ -104,10 +105,11 @@ class ReIDNet(_Pooled):
     """F: image -> ReIDOutput(feature = pre-BN reduced feature, logits = FC(BN(feature)))."""
 
     def __init__(self, backbone: str, num_classes: int, feature_dim: int = 512,
-                 input_size=(128, 64), weights: str | Path | None = None, last_stride: int = 1):
+                 input_size=(128, 64), weights: str | Path | None = None, last_stride: int = 1,
+                 width: int = 64):
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        super().__init__(backbone, input_size, weights, last_stride)
+        super().__init__(backbone, input_size, weights, last_stride, width)
         self.reduce = nn.Conv2d(self.out_channels, feature_dim, 1)
         self.bn = nn.BatchNorm1d(feature_dim)
         self.classifier = nn.Linear(feature_dim, num_classes, bias=False) if num_classes > 0 else None
@@ -126,7 +128,8 @@ def _input_size(cfg: ModelParams) -> tuple[int, int]:
 
 def build_predictor(cfg: ModelParams) -> Predictor:
     size = (cfg.predictor_height, cfg.predictor_width)  # P sees x_l only: no need for F's input size
-    return Predictor(cfg.backbone, len(cfg.scales), cfg.feature_dim, size, cfg.backbone_weights, cfg.last_stride)
+    return Predictor(cfg.backbone, len(cfg.scales), cfg.feature_dim, size, cfg.backbone_weights, cfg.last_stride,
+                     cfg.width)
 
 
 def build_reid(cfg: ModelParams, num_classes: int) -> ReIDNet:
@@ -136,4 +139,4 @@ def build_reid(cfg: ModelParams, num_classes: int) -> ReIDNet:
             f"(the PRI composer dispatches on model.reid)"
         )
     return ReIDNet(cfg.backbone, num_classes, cfg.feature_dim, _input_size(cfg), cfg.backbone_weights,
-                   cfg.last_stride)
+                   cfg.last_stride, cfg.width)

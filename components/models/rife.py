@@ -72,10 +72,11 @@ class RIFE(nn.Module):
         input_size: tuple[int, int] = (128, 64),
         weights=None,
         last_stride: int = 1,
+        width: int = 64,
     ):
         super().__init__()
         self.prep = ImageInput(input_size)
-        stem, stages, channels = resnet_stages(backbone, weights=weights, last_stride=last_stride)
+        stem, stages, channels = resnet_stages(backbone, weights=weights, last_stride=last_stride, width=width)
         self.stem = stem  # shared by both streams
         self.blocks = nn.ModuleList(DualStreamBlock(s, c, weight_hidden) for s, c in zip(stages, channels))
         self.fc = nn.Linear(channels[-1], feature_dim)  # f
@@ -156,4 +157,5 @@ def build_rife(cfg: ModelParams, num_classes: int) -> RIFE:
         input_size=(cfg.input_height, cfg.input_width),
         weights=cfg.backbone_weights,
         last_stride=cfg.last_stride,
+        width=cfg.width,
     )
