@@ -136,6 +136,27 @@ def _bicubic_features(pri: PRI, chunk: list[torch.Tensor]) -> torch.Tensor:
     return pri.embed_gallery(torch.cat(up)).float()
 
 
+def hr_probe_images(test: TestSet, canonical: pa.Table, hr_size: tuple[int, int]) -> list[torch.Tensor]:
+    """Each probe's source image before down-sampling, normalised to the HR size as the degrade
+    stage normalises HR images: the probes SR works toward ("HR probes", the upper bound)."""
+    wanted = test.query[T.SOURCE_IMAGE_ID].to_pylist()
+    rows = canonical.filter(pc.is_in(canonical[T.IMAGE_ID], value_set=pa.array(sorted(set(wanted)))))
+    found = dict(zip(rows[T.IMAGE_ID].to_pylist(), rows[T.IMAGE].to_pylist()))
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} probe source images (e.g. {missing[0]!r}) are not in the canonical "
+                         "table: the split was made from another dataset (run `dvc repro split`)")
+    return [to_tensor(images.resize(images.decode(found[w], w), *hr_size)) for w in wanted]
+
+
+@torch.no_grad()
+def embed_images(pri: PRI, xs: list[torch.Tensor], *, batch_size: int = 64, device="cpu") -> torch.Tensor:
+    """F's features of same-size images (no G), in batches."""
+    pri = pri.to(device).eval()
+    return torch.cat([pri.embed_gallery(torch.stack(xs[i:i + batch_size]).to(device)).float().cpu()
+                      for i in range(0, len(xs), batch_size)])
+
+
 # ---------------------------------------------------------------------- scoring
 def choices(pri: PRI, emb: Embeddings, hr_height: float) -> dict[str, torch.Tensor]:
     """The fixed, size-based and adaptive scale choices of PRI Table 2, as indices [Q]."""

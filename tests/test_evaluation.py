@@ -27,6 +27,19 @@ def split_table():
 
 
 @pytest.fixture(scope="module")
+def canonical_table():
+    from tests.conftest import make_canonical
+
+    return make_canonical(n_ids=10, per_cam=3, size=(32, 16))  # split_table's source
+
+
+def _write_data(tmp_path, split_table, canonical_table):
+    (tmp_path / "data" / "split").mkdir(parents=True)
+    T.write_table(split_table, tmp_path / "data" / "split" / "split.parquet", T.SPLIT_SCHEMA)
+    T.write_table(canonical_table, tmp_path / "data" / "canonical.parquet", T.CANONICAL_SCHEMA)
+
+
+@pytest.fixture(scope="module")
 def pri():
     from components.models.pri import build_pri
 
@@ -80,7 +93,8 @@ def _probe_images(test):
     return decode_images(test.query)
 
 
-def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_path, monkeypatch, mlflow_store):
+def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, canonical_table, pri, tmp_path, monkeypatch,
+                                                          mlflow_store):
     from components.training import save_weights_dict
     from pipelines.cli import main
     from pipelines.tracking import client
@@ -92,14 +106,26 @@ def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, pri, tmp_
                               "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 2},
                               "ablation": {"variants": []}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    (tmp_path / "data" / "split").mkdir(parents=True)
-    T.write_table(split_table, tmp_path / "data" / "split" / "split.parquet", T.SPLIT_SCHEMA)
+    _write_data(tmp_path, split_table, canonical_table)
     save_weights_dict(pri.state_dict(), tmp_path / "models" / "model.pt",
                       {"phase": "joint", "model": "pri", "num_classes": 5, "mlflow_run_id": "x"})
     assert main(["evaluate", "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "reports" / "evaluate.json").read_text())
     assert metrics["predictor"] == "adaptive" and metrics["repeats"] == 2 and 0 <= metrics["rank1"] <= 100
     assert "| Ideal |" in (tmp_path / "reports" / "ablation.md").read_text()
+    # HR probes: the probes' originals at the HR size through F, as a gallery image would be embedded
+    from components.evaluation import decode_images, embed_images, hr_probe_images, load_test_set, score_features
+
+    test = load_test_set(split_table, 2)
+    xs = hr_probe_images(test, canonical_table, (32, 16))
+    assert len(xs) == test.query.num_rows and all(x.shape == (3, 32, 16) for x in xs)
+    rows = json.loads((tmp_path / "reports" / "ablation.json").read_text())["rows"]
+    gallery = embed_images(pri, decode_images(test.gallery))
+    expected = score_features(embed_images(pri, xs), gallery, test, max_rank=5)
+    assert rows["HR probes"]["rank1"] == pytest.approx(expected["rank1"])
+    assert "of the gap (%)" in (tmp_path / "reports" / "ablation.md").read_text()
+    with pytest.raises(ValueError, match="not in the canonical table"):
+        hr_probe_images(test, canonical_table.slice(0, 3), (32, 16))
     for name in ("cmc.png", "ranked_list.png", "recovered.png", "scale_histogram.png"):
         assert (tmp_path / "reports" / "figures" / name).stat().st_size > 0
     assert (tmp_path / "reports" / "plots" / "cmc.csv").read_text().startswith("method,rank,matching_rate")
@@ -136,7 +162,8 @@ def test_evaluate_stage_errors(tmp_path, monkeypatch):
     assert main(["evaluate", "--no-progress"]) == 2  # no model: a one-line error, exit 2
 
 
-def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monkeypatch, capsys, mlflow_store):
+def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri, tmp_path, monkeypatch, capsys,
+                                              mlflow_store):
     """ablation.variants: FFSR + RIFE and RIFE as F + PRI scored from models/ablation/<variant>/model.pt."""
     from components.models.ffsr_rife import FFSRRIFE
     from components.models.pri import build_pri
@@ -151,8 +178,7 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, pri, tmp_path, monke
                               "degrade": {"hr_height": 32, "hr_width": 16, "scales": [2, 4]},
                               "evaluate": {"repeats": 2, "max_rank": 5, "figure_probes": 0}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    (tmp_path / "data" / "split").mkdir(parents=True)
-    T.write_table(split_table, tmp_path / "data" / "split" / "split.parquet", T.SPLIT_SCHEMA)
+    _write_data(tmp_path, split_table, canonical_table)
     meta = {"phase": "joint", "model": "pri", "num_classes": 5, "mlflow_run_id": "x"}
     save_weights_dict(pri.state_dict(), tmp_path / "models" / "model.pt", meta)
     save_weights_dict(FFSRRIFE(params.for_variant("ffsr_rife").model, 5).state_dict(),
