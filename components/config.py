@@ -189,7 +189,7 @@ class LossParams(_Section):
     """Weights of Eq. 6 (PRI) and Eq. 4 / 9 (FFSR + RIFE)."""
 
     alpha: float = Field(1.0, ge=0)  # L_id
-    beta: float = Field(0.01, ge=0)  # L_tri (PRI: 0.01)
+    beta: float = Field(0.1, ge=0)  # L_tri (PRI: 0.01)
     lambda_p: float = Field(1.0, ge=0)  # L_p (PRI: 1)
     margin: float = Field(10.0, gt=0)  # phi of L_tri (PRI: 10)
     beta_r: float = Field(0.1, ge=0)  # RIFE: weight of the resolution weighting losses L^R (Eq. 9)
@@ -206,7 +206,7 @@ class TrainParams(_Section):
     seed: int = 0
     lr_backbone: float = Field(0.001, gt=0)  # Adam (0.9, 0.999) learning rate of the backbones (paper: 0.01)
     lr_head: float = Field(0.001, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers) (paper: 0.1)
-    lr_decay: float = Field(1.0, gt=0, le=1)  # after T1 both rates are multiplied by this (paper: 0.1)
+    lr_decay: float = Field(0.1, gt=0, le=1)  # after T1 both rates are multiplied by this (paper: 0.1)
     pretrain_epochs: int = Field(4, ge=1)  # T1 (paper: 20; CAVIAR 60)
     epochs: int = Field(4, ge=1)  # T2 (paper: 60; CAVIAR 140)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
@@ -266,7 +266,7 @@ DEFAULT_SPACE = {
     "model.gamma": {"choice": ["1/3", 1, 3]},
     "model.omega": {"choice": [1, 2]},
     "loss.alpha": {"choice": [0.5, 1, 2]},
-    "loss.beta": {"loguniform": [0.001, 0.1]},
+    "loss.beta": {"loguniform": [0.01, 1]},
     "loss.margin": {"choice": [5, 10, 20]},
     "train.lr_backbone": {"loguniform": [0.0001, 0.003]},
     "train.lr_head": {"loguniform": [0.0001, 0.003]},
