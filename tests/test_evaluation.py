@@ -123,7 +123,11 @@ def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, canonical
     gallery = embed_images(pri, decode_images(test.gallery))
     expected = score_features(embed_images(pri, xs), gallery, test, max_rank=5)
     assert rows["HR probes"]["rank1"] == pytest.approx(expected["rank1"])
-    assert "of the gap (%)" in (tmp_path / "reports" / "ablation.md").read_text()
+    md = (tmp_path / "reports" / "ablation.md").read_text()
+    lead = next(c["rank1"] for c in json.loads((tmp_path / "reports" / "ablation.json").read_text())["paired"]
+                if c["label"] == "HR probes - Bicubic + F")
+    assert ("of the gap (%)" in md) == (lead["low"] > 0)  # the column only for a gap above noise
+    assert ("gains nothing measurable" in md) == (lead["low"] <= 0)
     with pytest.raises(ValueError, match="not in the canonical table"):
         hr_probe_images(test, canonical_table.slice(0, 3), (32, 16))
     for name in ("cmc.png", "ranked_list.png", "recovered.png", "scale_histogram.png"):
@@ -221,3 +225,19 @@ def test_ffsr_rife_rows_use_the_same_protocol(split_table):
     assert torch.allclose(probe[1], expected, atol=1e-5)  # batch order kept across size groups
     row = score_features(probe, gallery, test, max_rank=5)
     assert row["repeats"] == 3 and 0 <= row["rank1"] <= row["rank5"] <= 100 and row["cmc"].shape == (5,)
+
+
+def test_the_gap_column_only_for_a_gap_above_noise():
+    from pipelines.evaluate import ablation_markdown
+
+    def row(r1):
+        return {"rank1": r1, "rank1_std": 1.0, "mAP": r1, "mAP_std": 1.0, "repeats": 10}
+
+    rows = {"Fixed x2": row(50.0), "Bicubic + F": row(40.0), "HR probes": row(60.0)}
+    real = [{"label": "HR probes - Bicubic + F", "rank1": {"mean": 20.0, "low": 15.0, "high": 25.0}}]
+    md = ablation_markdown(rows, real)
+    assert "| Fixed x2 | 50.0 +- 1.0 |" in md and md.split("| Fixed x2 |")[1].split("\n")[0].endswith(" 50 |")
+    noise = [{"label": "HR probes - Bicubic + F", "rank1": {"mean": 1.2, "low": -1.9, "high": 4.1}}]
+    md = ablation_markdown(rows, noise)
+    assert "of the gap" not in md.splitlines()[0] and "+1.2 rank-1 points [-1.9, +4.1]" in md
+    assert "of the gap" not in ablation_markdown(rows)  # no statistics: no column

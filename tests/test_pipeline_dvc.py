@@ -71,6 +71,7 @@ TINY = {
     "degrade.hr_height": 64,
     "degrade.hr_width": 32,
     "split.repeats": 3,
+    "split.val_identities": 4,  # 16 training identities: 12 left for a batch of 8
 }
 
 
