@@ -7,7 +7,7 @@ the evaluate stage's raw result: every number of the ablation table can be recom
 - ``row``: the ablation table's row ("Fixed x2", "Adaptive (PRI)", "Bicubic + F", ...)
 - ``draw``: the gallery draw (0..D-1); ``image_id``, ``person_id``: the probe
 - ``true_scale``: its down-sampling factor; ``scale``: the scale it was recovered at in this row
-  (null where the row has none: Bicubic + F, FFSR + RIFE)
+  (null where the row has none: Bicubic + F, bicubic probes, HR probes, FFSR + RIFE)
 - ``first_rank``: 0-based rank of its first true match (-1: none in this draw); ``ap``: its AP (0..1)
 
 The schema metadata name the split and the models the records come from (:func:`provenance`),
@@ -28,8 +28,11 @@ PER_PROBE_SCHEMA = pa.schema([
     ("row", pa.string()), ("draw", pa.int32()), ("image_id", pa.string()), ("person_id", pa.int64()),
     ("true_scale", pa.float32()), ("scale", pa.float32()), ("first_rank", pa.int32()), ("ap", pa.float64()),
 ])
-ADAPTIVE, SIZE_BASED, IDEAL, BICUBIC = "Adaptive (PRI)", "Size-based", "Ideal", "Bicubic + F"
+ADAPTIVE, SIZE_BASED, IDEAL = "Adaptive (PRI)", "Size-based", "Ideal"
 NOISE_ORACLE = "Noise oracle"  # Ideal's choice among noise copies of the mean scale feature
+BICUBIC = "Bicubic + F"  # the baseline model: F trained on bicubic-enlarged x_l (ablation variant "bicubic")
+BICUBIC_PROBES = "PRI's F, bicubic probes"  # diagnostic: PRI's own F on bicubic-enlarged probes (no G)
+HR_PROBES = "HR probes"  # PRI's F on the probes' HR originals: what SR works toward
 
 
 class PerProbeError(ValueError):
@@ -129,13 +132,15 @@ def claims(rows: list[str]) -> list[tuple[str, str | list[str], str]]:
         out += [(f"Adaptive - {f}", ADAPTIVE, f) for f in fixed]
         if fixed:
             out.append(("Adaptive - best fixed", ADAPTIVE, fixed))
-        out += [(f"Adaptive - {b}", ADAPTIVE, b) for b in (SIZE_BASED, BICUBIC) if b in rows]
+        out += [(f"Adaptive - {b}", ADAPTIVE, b) for b in (SIZE_BASED, BICUBIC, BICUBIC_PROBES) if b in rows]
         if IDEAL in rows:
             out.append(("Ideal - Adaptive", IDEAL, ADAPTIVE))
     if IDEAL in rows and NOISE_ORACLE in rows:
         out.append(("Ideal - Noise oracle", IDEAL, NOISE_ORACLE))
-    known = set(fixed) | {ADAPTIVE, SIZE_BASED, IDEAL, NOISE_ORACLE, BICUBIC}
-    if BICUBIC in rows:
+    if HR_PROBES in rows and BICUBIC_PROBES in rows:  # what full resolution is worth to PRI's F
+        out.append((f"{HR_PROBES} - {BICUBIC_PROBES}", HR_PROBES, BICUBIC_PROBES))
+    known = set(fixed) | {ADAPTIVE, SIZE_BASED, IDEAL, NOISE_ORACLE, BICUBIC, BICUBIC_PROBES, HR_PROBES}
+    if BICUBIC in rows:  # the other models against the baseline model
         out += [(f"{v} - {BICUBIC}", v, BICUBIC) for v in rows if v not in known]
     return out
 

@@ -243,6 +243,7 @@ class RegistryParams(_Section):
 
 # The extra models of the ablation table (PRI Table 2 + the FFSR paper): name -> params overrides.
 VARIANTS: dict[str, dict] = {
+    "bicubic": {"model": {"sr": {"kind": "bicubic"}}},  # Bicubic + F: F trained on bicubic-enlarged x_l, no G
     "ffsr_rife": {"train": {"model": "ffsr_rife"}},  # FFSR + RIFE (the FFSR paper's model)
     "rife_pri": {"model": {"reid": "rife"}},  # RIFE as F + PRI
 }
@@ -251,7 +252,7 @@ VARIANTS: dict[str, dict] = {
 class AblationParams(_Section):
     """Variants trained beside the main model (dvc.yaml's pretrain_variant / train_variant) for the table."""
 
-    variants: list[Literal["ffsr_rife", "rife_pri"]] = ["ffsr_rife", "rife_pri"]  # []: only the main model's rows
+    variants: list[Literal["bicubic", "ffsr_rife", "rife_pri"]] = ["bicubic", "ffsr_rife", "rife_pri"]  # []: none
 
     @field_validator("variants")
     @classmethod

@@ -6,7 +6,7 @@ gallery draw (``repeat`` 0..R-1). :func:`embed_test_set` runs the model once:
 
 - every probe x_l recovered at every alternative scale r_i and embedded,
   F(G_{r_i}(x_l)) -> ``all_scales`` [Q, N, D], and P's probabilities [Q, N];
-- the bicubic baseline: F on x_l resized to F's input (no G);
+- bicubic probes: F on x_l resized bicubically to F's input (no G);
 - every distinct gallery image x_h: F(x_h).
 
 A scale choice is then only an index per probe, so PRI Table 2's rows (fixed
@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from components import images
+from components.comparisons import BICUBIC_PROBES
 from components.data import table as T
 from components.data.dataset import group_by_size, to_tensor, ungroup
 from components.metrics import evaluate_features
@@ -130,7 +131,8 @@ def embed_test_set(pri: PRI, test: TestSet, *, batch_size: int = 64, device="cpu
 
 
 def _bicubic_features(pri: PRI, chunk: list[torch.Tensor]) -> torch.Tensor:
-    """F(x_l up-sampled bicubically to F's input size): the "bicubic + F" baseline."""
+    """F(x_l up-sampled bicubically to F's input size): the bicubic-probes row (the whole
+    "Bicubic + F" baseline when F was trained that way, ablation variant "bicubic")."""
     up = [torch.nn.functional.interpolate(x[None], size=pri.input_size, mode="bicubic", align_corners=False)
           .clamp_(0, 1) for x in chunk]
     return pri.embed_gallery(torch.cat(up)).float()
@@ -171,7 +173,7 @@ def choices(pri: PRI, emb: Embeddings, hr_height: float) -> dict[str, torch.Tens
 
 def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_rank: int = 50,
           seed: int = 0) -> dict[str, dict]:
-    """Every row (scale choices, ideal, its noise baseline, bicubic + F) on every gallery draw:
+    """Every row (scale choices, ideal, its noise baseline, bicubic probes) on every gallery draw:
     mean / std of rank-1/5/10 and mAP in %, the mean CMC curve, per-probe ranks and APs, and the
     chosen scales."""
     indices = choices(pri, emb, hr_height)
@@ -184,7 +186,7 @@ def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_ran
         rows[name] = {**_summary(results), "scales": scale[0], "scale": scale}  # scales: draw 0's choice
     results, _ = _score_choice(noisy_scales(emb.all_scales, seed), None, emb.gallery, test, max_rank)
     rows["Noise oracle"] = {**_summary(results), "scale": None}
-    rows["Bicubic + F"] = score_features(emb.bicubic, emb.gallery, test, max_rank=max_rank)
+    rows[BICUBIC_PROBES] = score_features(emb.bicubic, emb.gallery, test, max_rank=max_rank)
     return rows
 
 

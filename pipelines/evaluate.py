@@ -4,17 +4,19 @@ For each gallery draw (evaluate.repeats, default all of split.repeats): the HR
 gallery is embedded with F, the LR probes are recovered at the chosen scale and
 embedded; CMC rank-1/5/10 and mAP (Market-1501 protocol, Euclidean distance)
 are averaged over the draws (mean and standard deviation). Every row of PRI
-Table 2 (fixed x1..xN, size-based, ideal, adaptive) and the bicubic + F
-baseline come from one pass of the model (components/evaluation.py). Each
-ablation variant trained beside it (ablation.variants) adds its row under the
-same protocol: "FFSR + RIFE" (the FFSR paper's model) and "RIFE as F + PRI"
-(PRI with RIFE as its re-id module, adaptive scale).
+Table 2 (fixed x1..xN, size-based, ideal, adaptive) and the diagnostic rows
+(PRI's F on bicubic probes, on the probes' HR originals) come from one pass of
+the model (components/evaluation.py). Each ablation variant trained beside it
+(ablation.variants) adds its row under the same protocol: "Bicubic + F" (F
+trained on bicubic-enlarged LR images, no G), "FFSR + RIFE" (the FFSR paper's
+model) and "RIFE as F + PRI" (PRI with RIFE as its re-id module, adaptive scale).
 
 Every row is also kept probe by probe, and the claims are tested on those records
 (components/comparisons.py, components/stats.py): paired differences of rank-1 and
 mAP with 95% intervals from a bootstrap over the test identities (adaptive vs each
 fixed scale, vs the best fixed scale chosen again in every resample, vs size-based,
-vs bicubic + F; ideal vs adaptive; each variant vs bicubic + F), every row per true
+vs bicubic + F; ideal vs adaptive; HR probes vs bicubic probes; each variant vs
+bicubic + F), every row per true
 down-sampling factor, the oracle's selection-bias baselines, and P's diagnostics
 (agreement with the oracle's best scale against chance, entropy, confusion matrix).
 
@@ -45,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.comparisons import BICUBIC, BICUBIC_PROBES, HR_PROBES
+
 from pipelines.common import CANONICAL, REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from, variant_path
 from pipelines.train import OUT as MODEL
 
@@ -54,7 +58,7 @@ FIGURES = Path(REPORTS) / "figures"
 PER_PROBE = Path(REPORTS) / "eval" / "per_probe.parquet"
 PLOTS = Path(REPORTS) / "plots"
 HEADLINE = {"adaptive": "Adaptive (PRI)", "size_based": "Size-based", "ideal": "Ideal", "fixed": "Fixed x1"}
-VARIANT_ROWS = {"ffsr_rife": "FFSR + RIFE", "rife_pri": "RIFE as F + PRI"}  # ablation variant -> table row
+VARIANT_ROWS = {"bicubic": BICUBIC, "ffsr_rife": "FFSR + RIFE", "rife_pri": "RIFE as F + PRI"}  # variant -> row
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> None:
     emb = embed_test_set(pri, test, batch_size=e.batch_size, device=device, progress=not args.no_progress)
     rows = score(pri, emb, test, hr_height=params.degrade.hr_height, max_rank=e.max_rank)
     if params.degrade.protocol != "genuine":  # genuine LR probes have no HR version
-        rows["HR probes"] = hr_probes_row(pri, emb.gallery, test, params, device)
+        rows[HR_PROBES] = hr_probes_row(pri, emb.gallery, test, params, device)
     for variant, (vparams, model) in variants.items():
         rows[VARIANT_ROWS[variant]] = score_variant(vparams, variant, model, test, device,
                                                     progress=not args.no_progress)
@@ -171,7 +175,8 @@ def score_variant(vparams, variant: str, model, test, device, progress: bool) ->
                                          batch_size=e.batch_size, device=device, progress=progress)
         return score_features(probe, gallery, test, max_rank=e.max_rank)
     emb = embed_test_set(model, test, batch_size=e.batch_size, device=device, progress=progress)
-    return score(model, emb, test, hr_height=d.hr_height, max_rank=e.max_rank)[HEADLINE["adaptive"]]
+    rows = score(model, emb, test, hr_height=d.hr_height, max_rank=e.max_rank)
+    return rows[BICUBIC_PROBES if vparams.model.sr.kind == "bicubic" else HEADLINE["adaptive"]]
 
 
 def _key(name: str) -> str:
@@ -183,11 +188,12 @@ def _key(name: str) -> str:
 
 
 def ablation_markdown(rows: dict[str, dict], paired: list[dict] = ()) -> str:
-    """The table of every row; with an HR probes row whose lead over Bicubic + F has a paired interval
-    above 0 (``paired``: the statistics' comparisons), a column placing each row inside that gap."""
-    lead = next((c["rank1"] for c in paired if c["label"] == "HR probes - Bicubic + F"), None)
+    """The table of every row; with an HR probes row whose lead over PRI's F on bicubic probes has a
+    paired interval above 0 (``paired``: the statistics' comparisons), a column placing each row
+    inside that gap."""
+    lead = next((c["rank1"] for c in paired if c["label"] == f"{HR_PROBES} - {BICUBIC_PROBES}"), None)
     gap = lead is not None and lead["low"] > 0
-    lo, hi = rows.get("Bicubic + F", {}).get("rank1"), rows.get("HR probes", {}).get("rank1")
+    lo, hi = rows.get(BICUBIC_PROBES, {}).get("rank1"), rows.get(HR_PROBES, {}).get("rank1")
     lines = ["| method | rank-1 (%) | rank-5 (%) | rank-10 (%) | mAP (%) |" + (" of the gap (%) |" if gap else ""),
              "|---|---:|---:|---:|---:|" + ("---:|" if gap else "")]
     for name, r in rows.items():
@@ -197,11 +203,11 @@ def ablation_markdown(rows: dict[str, dict], paired: list[dict] = ()) -> str:
     repeats = next(iter(rows.values()))["repeats"]
     lines.append(f"\nMean +- standard deviation over {repeats} gallery draws.")
     if gap:
-        lines.append("\"Of the gap\": where the row's rank-1 sits between Bicubic + F (0) and HR probes (100), the "
-                     "probes' HR originals through the same F: the part of what resolution costs that the row "
-                     "wins back.")
+        lines.append(f"\"Of the gap\": where the row's rank-1 sits between {BICUBIC_PROBES} (0) and HR probes "
+                     "(100), the probes' HR originals through the same F: the part of what resolution costs that "
+                     "the row wins back.")
     elif lead is not None:
-        lines.append(f"HR probes - Bicubic + F: {lead['mean']:+.1f} rank-1 points [{lead['low']:+.1f}, "
+        lines.append(f"{HR_PROBES} - {BICUBIC_PROBES}: {lead['mean']:+.1f} rank-1 points [{lead['low']:+.1f}, "
                      f"{lead['high']:+.1f}] (95% CI): this F gains nothing measurable from the probes' full "
                      "resolution, so no row can win resolution back (no \"of the gap\" column).")
     return "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ def test_the_per_probe_table_reproduces_the_ablation_table(scored):
     # the scale each row used: fixed rows their own, bicubic none
     fixed2 = table.filter(pc.equal(table["row"], "Fixed x2"))
     assert set(fixed2["scale"].to_pylist()) == {2.0}
-    assert table.filter(pc.equal(table["row"], "Bicubic + F"))["scale"].null_count == 3 * test.query.num_rows
+    assert table.filter(pc.equal(table["row"], C.BICUBIC_PROBES))["scale"].null_count == 3 * test.query.num_rows
     assert C.provenance(table) == {"split": "abc", "model": "def"}
 
 
@@ -60,12 +60,17 @@ def test_identical_rows_differ_by_exactly_zero(scored):
 
 def test_the_claims_and_the_best_fixed_scale(scored):
     rows, _, table = scored
-    pairs = C.claims(list(rows) + ["FFSR + RIFE"])
-    labels = [p[0] for p in pairs]
-    assert labels == ["Adaptive - Fixed x1", "Adaptive - Fixed x2", "Adaptive - Fixed x4", "Adaptive - best fixed",
-                      "Adaptive - Size-based", "Adaptive - Bicubic + F", "Ideal - Adaptive",
-                      "Ideal - Noise oracle", "FFSR + RIFE - Bicubic + F"]
-    res = {r["label"]: r for r in C.compare(table, [p for p in pairs if "FFSR" not in p[0]], n_resamples=500)}
+    assert [p[0] for p in C.claims(list(rows) + ["FFSR + RIFE"])] == [
+        "Adaptive - Fixed x1", "Adaptive - Fixed x2", "Adaptive - Fixed x4", "Adaptive - best fixed",
+        "Adaptive - Size-based", "Adaptive - PRI's F, bicubic probes", "Ideal - Adaptive",
+        "Ideal - Noise oracle"]  # no trained Bicubic + F: the variants have no baseline to differ from
+    pairs = C.claims(list(rows) + ["HR probes", "Bicubic + F", "FFSR + RIFE"])
+    assert [p[0] for p in pairs] == [
+        "Adaptive - Fixed x1", "Adaptive - Fixed x2", "Adaptive - Fixed x4", "Adaptive - best fixed",
+        "Adaptive - Size-based", "Adaptive - Bicubic + F", "Adaptive - PRI's F, bicubic probes", "Ideal - Adaptive",
+        "Ideal - Noise oracle", "HR probes - PRI's F, bicubic probes", "FFSR + RIFE - Bicubic + F"]
+    scored_here = [p for p in pairs if p[1] in rows and (isinstance(p[2], list) or p[2] in rows)]
+    res = {r["label"]: r for r in C.compare(table, scored_here, n_resamples=500)}
     best = res["Adaptive - best fixed"]["rank1"]
     singles = [res[f"Adaptive - Fixed x{r}"]["rank1"].mean for r in (1, 2, 4)]
     assert best.mean == pytest.approx(min(singles))  # the best fixed row is the one adaptive trails most

@@ -141,5 +141,5 @@ def test_ablation_variants_override_only_their_keys():
     assert rife.model.reid == "rife" and rife.model.gamma == 3 and rife.train == p.train
     assert p.for_variant(None) is p and p.train.model == "pri"  # the main params are not touched
     assert set(load_params("params.yaml").ablation.variants) == set(VARIANTS)  # the default trains both
-    with pytest.raises(ParamsError, match="known variants: ffsr_rife, rife_pri"):
+    with pytest.raises(ParamsError, match="known variants: bicubic, ffsr_rife, rife_pri"):
         p.for_variant("srgan")

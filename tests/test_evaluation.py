@@ -75,7 +75,7 @@ def test_rows_of_table_2_from_one_pass(split_table, pri):
     assert torch.allclose(one[0], emb.all_scales[0], atol=1e-5)
     rows = score(pri, emb, test, hr_height=32, max_rank=5)
     assert list(rows) == ["Fixed x1", "Fixed x2", "Fixed x4", "Size-based", "Adaptive (PRI)", "Ideal", "Noise oracle",
-                          "Bicubic + F"]
+                          "PRI's F, bicubic probes"]
     for name, r in rows.items():
         assert 0 <= r["rank1"] <= r["rank5"] <= 100 and 0 < r["mAP"] <= 100, name
         assert r["repeats"] == 3 and r["cmc"].shape == (5,)
@@ -125,7 +125,7 @@ def test_evaluate_stage_writes_reports_figures_and_mlflow(split_table, canonical
     assert rows["HR probes"]["rank1"] == pytest.approx(expected["rank1"])
     md = (tmp_path / "reports" / "ablation.md").read_text()
     lead = next(c["rank1"] for c in json.loads((tmp_path / "reports" / "ablation.json").read_text())["paired"]
-                if c["label"] == "HR probes - Bicubic + F")
+                if c["label"] == "HR probes - PRI's F, bicubic probes")
     assert ("of the gap (%)" in md) == (lead["low"] > 0)  # the column only for a gap above noise
     assert ("gains nothing measurable" in md) == (lead["low"] <= 0)
     with pytest.raises(ValueError, match="not in the canonical table"):
@@ -168,7 +168,7 @@ def test_evaluate_stage_errors(tmp_path, monkeypatch):
 
 def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri, tmp_path, monkeypatch, capsys,
                                               mlflow_store):
-    """ablation.variants: FFSR + RIFE and RIFE as F + PRI scored from models/ablation/<variant>/model.pt."""
+    """ablation.variants: Bicubic + F, FFSR + RIFE and RIFE as F + PRI scored from models/ablation/<variant>/model.pt."""
     from components.models.ffsr_rife import FFSRRIFE
     from components.models.pri import build_pri
     from components.training import save_weights_dict
@@ -185,6 +185,10 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
     _write_data(tmp_path, split_table, canonical_table)
     meta = {"phase": "joint", "model": "pri", "num_classes": 5, "mlflow_run_id": "x"}
     save_weights_dict(pri.state_dict(), tmp_path / "models" / "model.pt", meta)
+    torch.manual_seed(1)
+    bicubic = build_pri(params.for_variant("bicubic").model, 5)
+    assert not list(bicubic.G.parameters())  # no G to train: F on bicubic-enlarged x_l
+    save_weights_dict(bicubic.state_dict(), tmp_path / "models" / "ablation" / "bicubic" / "model.pt", meta)
     save_weights_dict(FFSRRIFE(params.for_variant("ffsr_rife").model, 5).state_dict(),
                       tmp_path / "models" / "ablation" / "ffsr_rife" / "model.pt", {**meta, "model": "ffsr_rife"})
     assert main(["evaluate", "--no-progress"]) == 2  # rife_pri not trained yet: named, with the fix
@@ -195,13 +199,22 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
                       tmp_path / "models" / "ablation" / "rife_pri" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 0
     table = json.loads((tmp_path / "reports" / "ablation.json").read_text())["rows"]
-    assert {"FFSR + RIFE", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F"} <= set(table)
-    for name in ("FFSR + RIFE", "RIFE as F + PRI"):
+    assert {"FFSR + RIFE", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F", "PRI's F, bicubic probes"} <= set(table)
+    for name in ("Bicubic + F", "FFSR + RIFE", "RIFE as F + PRI"):
         assert table[name]["repeats"] == 2 and 0 <= table[name]["rank1"] <= 100
     assert table["RIFE as F + PRI"]["rank1"] != table["Adaptive (PRI)"]["rank1"] or \
         table["RIFE as F + PRI"]["mAP"] != table["Adaptive (PRI)"]["mAP"]  # another F, other features
+    # Bicubic + F is its own model's F on bicubic probes, the same protocol as PRI's F on them
+    from components.evaluation import embed_test_set, load_test_set, score
+
+    test = load_test_set(split_table, 2)
+    own = score(bicubic, embed_test_set(bicubic, test, progress=False), test, hr_height=32, max_rank=5)
+    assert table["Bicubic + F"]["rank1"] == pytest.approx(own["PRI's F, bicubic probes"]["rank1"])
+    assert table["Bicubic + F"]["mAP"] == pytest.approx(own["PRI's F, bicubic probes"]["mAP"])
+    assert table["Bicubic + F"]["mAP"] != table["PRI's F, bicubic probes"]["mAP"]  # another F
     md = (tmp_path / "reports" / "ablation.md").read_text()
     assert md.index("| Bicubic + F |") < md.index("| FFSR + RIFE |") < md.index("| RIFE as F + PRI |")
+    assert "| Adaptive - Bicubic + F |" in md or "Adaptive - Bicubic + F" in md
     # a variant file holding the wrong kind of model is named
     save_weights_dict(pri.state_dict(), tmp_path / "models" / "ablation" / "ffsr_rife" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 2
@@ -233,11 +246,11 @@ def test_the_gap_column_only_for_a_gap_above_noise():
     def row(r1):
         return {"rank1": r1, "rank1_std": 1.0, "mAP": r1, "mAP_std": 1.0, "repeats": 10}
 
-    rows = {"Fixed x2": row(50.0), "Bicubic + F": row(40.0), "HR probes": row(60.0)}
-    real = [{"label": "HR probes - Bicubic + F", "rank1": {"mean": 20.0, "low": 15.0, "high": 25.0}}]
+    rows = {"Fixed x2": row(50.0), "PRI's F, bicubic probes": row(40.0), "HR probes": row(60.0)}
+    real = [{"label": "HR probes - PRI's F, bicubic probes", "rank1": {"mean": 20.0, "low": 15.0, "high": 25.0}}]
     md = ablation_markdown(rows, real)
     assert "| Fixed x2 | 50.0 +- 1.0 |" in md and md.split("| Fixed x2 |")[1].split("\n")[0].endswith(" 50 |")
-    noise = [{"label": "HR probes - Bicubic + F", "rank1": {"mean": 1.2, "low": -1.9, "high": 4.1}}]
+    noise = [{"label": "HR probes - PRI's F, bicubic probes", "rank1": {"mean": 1.2, "low": -1.9, "high": 4.1}}]
     md = ablation_markdown(rows, noise)
     assert "of the gap" not in md.splitlines()[0] and "+1.2 rank-1 points [-1.9, +4.1]" in md
     assert "of the gap" not in ablation_markdown(rows)  # no statistics: no column

@@ -146,6 +146,20 @@ def test_loss_falls(split, phase, precision, monkeypatch):
     assert losses[-1] < losses[0] and min(losses[1:]) < losses[0], losses
 
 
+def test_bicubic_baseline_trains_F_alone(split):
+    """Ablation variant "bicubic" (Bicubic + F): G is bicubic up-sampling, nothing of it to train;
+    F still learns, from bicubic-enlarged x_l and x_sl beside x_h."""
+    from components.config import SRParams
+
+    loader = _loader(split)
+    pri = _pri(loader.dataset.num_classes, sr=SRParams(kind="bicubic"))
+    before = {k: v.clone() for k, v in pri.F.state_dict().items()}
+    opt = T.build_optimizer(pri, SLOW_LR, "pretrain")
+    losses = [_epoch(pri, loader, opt, "pretrain", epoch)["L"] for epoch in range(4)]
+    assert losses[-1] < losses[0], losses
+    assert any(not torch.equal(before[k], v) for k, v in pri.F.state_dict().items())
+
+
 def test_cached_labels_equal_naive_labels_on_the_same_weights(split):
     loader = _loader(split)
     pri = _pri(loader.dataset.num_classes)
