@@ -4,8 +4,8 @@ With data.layout = synthetic, generate the procedural pedestrian dataset
 (params data.synthetic.*) into data/raw in Market-1501 layout. The bytes
 depend only on those params, so a fresh clone regenerates exactly the directory
 whose md5 data.dvc records, and needs no DVC remote. A manifest
-(SYNTHETIC.json) inside the folder records the params; when it matches, nothing
-is regenerated. With a real layout, only check that data/raw is there.
+(SYNTHETIC.json) inside the folder records the params and the generator's
+version; when both match, nothing is regenerated. With a real layout, only check that data/raw is there.
 
 Inputs:  params data.layout, data.synthetic.*
 Outputs: data/raw/ (then `dvc add data/raw` records a new version in data.dvc)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
             )
         log.info("data.layout = %s: using %s as it is", params.data.layout, raw)
         return
-    want = params.data.synthetic.model_dump()
+    want = {**params.data.synthetic.model_dump(), "generator": synthetic.GENERATOR_VERSION}
     manifest = raw / MANIFEST
     if raw.exists() and not args.force:
         try:
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
             log.info("%s already holds the synthetic dataset of these params; nothing to do", raw)
             _report_dvc(raw)
             return
-        log.info("%s was made with other params (or is not synthetic): regenerating", raw)
+        log.info("%s was made with other params or another generator version (or is not synthetic): "
+                 "regenerating", raw)
     with timed("synthesis"), atomic_path(raw) as tmp:
         counts = synthetic.generate(tmp, params.data.synthetic, progress=not args.no_progress)
         (tmp / MANIFEST).write_text(json.dumps(want, indent=2, sort_keys=True) + "\n")

@@ -167,6 +167,21 @@ def test_default_dataset_matches_committed_data_dvc(tmp_path):
         committed["md5"], committed["size"], committed["nfiles"])
 
 
+def test_synthesize_regenerates_for_another_generator_version(tmp_path):
+    """The manifest records the generator's version: data/raw made by an older generator is remade."""
+    from components.data.synthetic import GENERATOR_VERSION
+
+    path = _init_repo(tmp_path / "gen", TINY)
+    sh(["lrreid", "synthesize", "--no-progress"], path)
+    manifest = path / "data" / "raw" / "SYNTHETIC.json"
+    assert json.loads(manifest.read_text())["generator"] == GENERATOR_VERSION
+    assert "nothing to do" in sh(["lrreid", "synthesize", "--no-progress"], path).stderr
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "generator": GENERATOR_VERSION - 1}))
+    log = sh(["lrreid", "synthesize", "--no-progress"], path).stderr
+    assert "another generator version" in log and "wrote data/raw" in log
+    assert json.loads(manifest.read_text())["generator"] == GENERATOR_VERSION
+
+
 def _edges(path: Path) -> set[tuple[str, str]]:
     dot = sh(["dvc", "dag", "--dot"], path).stdout
     return {tuple(part.strip().strip(';"') for part in line.split("->")) for line in dot.splitlines() if "->" in line}
@@ -176,7 +191,7 @@ def test_ablation_variants_are_stages_that_feed_evaluate(tmp_path):
     """ablation.variants expands into pretrain_variant@V -> train_variant@V -> evaluate; [] leaves none."""
     path = _init_repo(tmp_path / "variants")
     edges = _edges(path)
-    for v in ("ffsr_rife", "rife_pri"):
+    for v in ("bicubic", "ffsr_rife", "rife_pri"):
         assert ("split", f"pretrain_variant@{v}") in edges
         assert (f"pretrain_variant@{v}", f"train_variant@{v}") in edges
         assert (f"train_variant@{v}", "evaluate") in edges

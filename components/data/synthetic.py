@@ -4,12 +4,19 @@ A benchmark where resolution matters. Every identity has
 
 - coarse attributes, drawn from small palettes, that survive down-sampling: top
   colour, bottom colour, hair colour, hair length, bag yes/no, skin tone. Only
-  ``ceil(N / 12)`` coarse combinations are used, so about twelve identities share
-  each one and cannot be told apart at low resolution;
-- fine attributes that only survive at full resolution: a zero-mean stripe /
-  check / diagonal pattern of period 2-4 px in an accent colour (the garment's
-  mean colour stays the coarse top colour, so a 4x down-sampling averages the
-  pattern away), a 3-5 px chest logo, a 1-2 px belt or sash, the shoe colour.
+  ``ceil(N / 50)`` coarse combinations are used, so about fifty identities share
+  each one, and a random test split of a fifth of them still holds about ten of
+  each: those cannot be told apart at low resolution (with groups of twelve, a
+  test split held two or three of a group, and the coarse look alone nearly
+  identified a person, so resolution hardly mattered);
+- fine attributes that need resolution: a zero-mean stripe / check / diagonal
+  pattern of period 2-4 detail units in an accent colour (the garment's mean colour
+  stays the coarse top colour, so down-sampling averages the pattern away), a
+  3-5 unit chest logo, a 1-2 unit belt or sash, the shoe colour. A detail unit is
+  ``height // 64`` pixels (2 px at the default 128 x 64): large enough for a small
+  F to learn within a few epochs and for x2 down-sampling to keep most of it
+  (period 8 px -> 4 px), small enough that x4 removes it (period <= 8 px -> <= 2 px,
+  the Nyquist limit).
 
 The full (coarse + fine) combination is unique per identity. Cameras differ in
 background scene (corridor with wall bands and floor tiles, street with
@@ -47,7 +54,8 @@ TRAIN_DIR = "bounding_box_train"
 GALLERY_DIR = "bounding_box_test"
 QUERY_DIR = "query"
 
-IDENTITIES_PER_COARSE_GROUP = 12  # about this many identities share one coarse combination
+GENERATOR_VERSION = 4  # bump when a change of this module changes the bytes (the manifest records it)
+IDENTITIES_PER_COARSE_GROUP = 50  # about this many identities share one coarse combination
 
 # rng tags: the first integer after the seed, so the streams never collide
 _TAG_IDENTITIES = 1
@@ -76,7 +84,7 @@ COARSE_SIZES = (len(TOPS), len(BOTTOMS), len(HAIR_COLOURS), len(HAIR_LENGTHS), l
 
 # ---------------------------------------------------------------- fine palettes
 PATTERNS = ("hstripe", "vstripe", "check", "diagonal")
-PERIODS = (2, 3, 4)  # pixels, whatever the image size
+PERIODS = (2, 3, 4)  # detail units (see detail_unit)
 # the accent is a signed offset from the top colour: stripes are top+a*(n-k)/k, the
 # rest top-a, so the garment's mean colour is the top colour (the pattern is zero-mean)
 ACCENTS = (
@@ -87,7 +95,7 @@ ACCENTS = (
 )
 LOGOS = ("none", "ring", "cross", "diamond", "tee")
 LOGO_COLOURS = (("white", (242, 242, 236)), ("black", (18, 18, 22)), ("orange", (244, 140, 20)))
-BELTS = ("none", "belt1", "belt2", "sash1", "sash2")  # kind + thickness in pixels
+BELTS = ("none", "belt1", "belt2", "sash1", "sash2")  # kind + thickness in detail units
 BELT_COLOURS = (("black", (24, 22, 20)), ("tan", (184, 132, 72)))
 SHOES = (("black", (26, 26, 28)), ("brown", (112, 70, 40)), ("red", (168, 36, 40)))
 _PATTERN_CODES = len(PATTERNS) * len(PERIODS) * len(ACCENTS)
@@ -131,7 +139,7 @@ def identity_attributes(seed: int, identities: int) -> list[dict]:
     """Attributes of every identity, person ids 1..identities in order.
 
     Each dict holds ``pid``, the hashable index tuples ``coarse`` and ``fine``, and
-    the names / RGB values :func:`render` paints with. ``ceil(identities / 12)``
+    the names / RGB values :func:`render` paints with. ``ceil(identities / 50)``
     distinct coarse combinations are drawn and dealt out evenly; within one coarse
     group every identity gets a different fine combination (and a different garment
     pattern while the group has fewer than 48 members), so no two identities share both.
@@ -332,6 +340,11 @@ def _line(yy, xx, y0, x0, y1, x1, px):
     return (yy >= y0) & (yy <= y1) & (xx >= xc) & (xx < xc + px)
 
 
+def detail_unit(height: int) -> int:
+    """Pixels per detail unit of the fine attributes: 1 up to 127 px high, 2 at 128."""
+    return max(1, height // 64)
+
+
 def _pattern_duty(pattern: str, period: int) -> tuple[int, int, int]:
     """(stripe width w, accent pixels k, pixels n) of one period cell of the pattern."""
     w = period // 2
@@ -351,9 +364,12 @@ def _fit_accent(top, accent, pattern: str, period: int) -> tuple[int, int, int]:
     return (0, 0, 0)  # unreachable: s = 0 always fits
 
 
-def _pattern(attrs: dict, ry, rx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The top garment's zero-mean pattern: (mask of the accent pixels, their colour, the rest's)."""
-    p, kind = attrs["period"], attrs["pattern"]
+def _pattern(attrs: dict, ry, rx, unit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top garment's zero-mean pattern: (mask of the accent pixels, their colour, the rest's).
+
+    The accent was fitted to one-pixel units (:func:`_fit_accent`); larger units keep the
+    duty near one half, so the on-colour's offset is no larger and no colour clips."""
+    p, kind = attrs["period"] * unit, attrs["pattern"]
     w, k, n = _pattern_duty(kind, p)
     if kind == "hstripe":
         on = (ry % p) < w
@@ -415,7 +431,8 @@ def _person(attrs: dict, pose: dict, h: int, w: int) -> tuple[np.ndarray, np.nda
         hx = X(side * (36 + swing))
         arms |= _limb(yy, xx, Y(46), X(side * 28), Y(118), hx, U(9), U(6))
         hands.append((Y(124), hx))
-    on, on_rgb, off_rgb = _pattern(attrs, yy - y0, xx - cx)
+    unit = detail_unit(h)
+    on, on_rgb, off_rgb = _pattern(attrs, yy - y0, xx - cx, unit)
     paint((torso | arms) & ~on, off_rgb)
     paint((torso | arms) & on, on_rgb)
     for hy, hx in hands:
@@ -424,16 +441,16 @@ def _person(attrs: dict, pose: dict, h: int, w: int) -> tuple[np.ndarray, np.nda
     # belt (horizontal, at the waist) or sash (diagonal, right shoulder to left hip)
     belt = attrs["belt"]
     if belt != "none":
-        px = int(belt[-1])
+        px = int(belt[-1]) * unit
         if belt.startswith("belt"):
             line = torso & (yy >= Y(122)) & (yy < Y(122) + px)
         else:
             line = torso & _line(yy, xx, Y(42), X(-24), Y(126), X(22), px)
         paint(line, attrs["belt_rgb"])
 
-    # chest logo: a 3-5 px bitmap on the left chest
+    # chest logo: a 3-5 unit bitmap on the left chest
     if attrs["logo"] != "none":
-        bitmap = np.asarray(_LOGO_BITMAPS[attrs["logo"]], dtype=bool)
+        bitmap = np.asarray(_LOGO_BITMAPS[attrs["logo"]], dtype=bool).repeat(unit, 0).repeat(unit, 1)
         bh_, bw_ = bitmap.shape
         ly, lx = Y(64) - bh_ // 2, X(10) - bw_ // 2
         stamp = np.zeros((h, w), dtype=bool)
