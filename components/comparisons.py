@@ -22,17 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from components.rows import ADAPTIVE, BICUBIC, BICUBIC_PROBES, HR_PROBES, IDEAL, NOISE_ORACLE, SIZE_BASED
 from components.stats import PairedDiff, bootstrap_means, group_sums, oracle_baselines, paired_bootstrap, record_diffs
 
 PER_PROBE_SCHEMA = pa.schema([
     ("row", pa.string()), ("draw", pa.int32()), ("image_id", pa.string()), ("person_id", pa.int64()),
     ("true_scale", pa.float32()), ("scale", pa.float32()), ("first_rank", pa.int32()), ("ap", pa.float64()),
 ])
-ADAPTIVE, SIZE_BASED, IDEAL = "Adaptive (PRI)", "Size-based", "Ideal"
-NOISE_ORACLE = "Noise oracle"  # Ideal's choice among noise copies of the mean scale feature
-BICUBIC = "Bicubic + F"  # the baseline model: F trained on bicubic-enlarged x_l (ablation variant "bicubic")
-BICUBIC_PROBES = "PRI's F, bicubic probes"  # diagnostic: PRI's own F on bicubic-enlarged probes (no G)
-HR_PROBES = "HR probes"  # PRI's F on the probes' HR originals: what SR works toward
 
 
 class PerProbeError(ValueError):

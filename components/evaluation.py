@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from components import images
-from components.comparisons import BICUBIC_PROBES
+from components.rows import BICUBIC_PROBES
 from components.data import table as T
 from components.data.dataset import group_by_size, to_tensor, ungroup
 from components.metrics import evaluate_features

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.comparisons import BICUBIC, BICUBIC_PROBES, HR_PROBES
+from components.rows import BICUBIC, BICUBIC_PROBES, HR_PROBES
 
 from pipelines.common import CANONICAL, REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from, variant_path
 from pipelines.train import OUT as MODEL

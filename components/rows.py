@@ -1,0 +1,7 @@
+"""Names of the ablation table's rows: evaluation scores them, comparisons pairs them."""
+
+ADAPTIVE, SIZE_BASED, IDEAL = "Adaptive (PRI)", "Size-based", "Ideal"
+NOISE_ORACLE = "Noise oracle"  # Ideal's choice among noise copies of the mean scale feature
+BICUBIC = "Bicubic + F"  # the baseline model: F trained on bicubic-enlarged x_l (ablation variant "bicubic")
+BICUBIC_PROBES = "PRI's F, bicubic probes"  # diagnostic: PRI's own F on bicubic-enlarged probes (no G)
+HR_PROBES = "HR probes"  # PRI's F on the probes' HR originals: what SR works toward
