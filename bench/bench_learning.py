@@ -4,7 +4,7 @@ In one process (no Ray, 2 torch threads), on the split's training identities min
 ``split.val_identities`` (the same hold-out the training stages use; never test
 identities): pretrain ``--pre`` epochs, then joint-train ``--joint`` epochs, and after
 every epoch score the validation probes with every row of PRI Table 2 (fixed x1..xN,
-size-based, adaptive, ideal, the noise oracle, bicubic + F) and HR probes. One JSON line per epoch:
+size-based, adaptive, ideal, the noise oracle, PRI's F on bicubic probes) and HR probes. One JSON line per epoch:
 the epoch's losses, samples/s, label-bank entropy, P's choices, and the rows' rank-1.
 
 ``--set key=value`` overrides params.yaml (YAML values), e.g. ``--set train.lr_decay=0.1``;
@@ -30,6 +30,7 @@ from components.data.splits import training_rows
 from components.evaluation import (embed_images, embed_test_set, hr_probe_images, load_test_set, score,
                                    score_features)
 from components.models.pri import build_pri
+from components.rows import HR_PROBES
 from components.soft_label import LabelBank
 from components.training import build_optimizer, refresh_label_bank, run_pri_epoch, save_weights
 
@@ -48,7 +49,7 @@ def read_params(path: str, overrides: list[str]):
 def epoch_record(model, test, params, phase: str, epoch: int, metrics: dict, hr_probes) -> dict:
     emb = embed_test_set(model, test, progress=False)
     rows = score(model, emb, test, hr_height=params.degrade.hr_height, max_rank=10)
-    rows["HR probes"] = score_features(embed_images(model, hr_probes), emb.gallery, test, max_rank=10)
+    rows[HR_PROBES] = score_features(embed_images(model, hr_probes), emb.gallery, test, max_rank=10)
     keep = ("L", "L_sr", "L_id", "L_tri", "L_p", "samples_per_s", "seconds", "label_entropy")
     rec = {"phase": phase, "epoch": epoch, **{k: round(float(metrics[k]), 4) for k in keep if k in metrics},
            "rank1": {name: round(row["rank1"], 1) for name, row in rows.items()}}

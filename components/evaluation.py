@@ -27,11 +27,11 @@ import torch
 from tqdm import tqdm
 
 from components import images
-from components.rows import BICUBIC_PROBES
 from components.data import table as T
 from components.data.dataset import group_by_size, to_tensor, ungroup
 from components.metrics import evaluate_features
 from components.models.pri import PRI, Adaptive, SizeBased, ideal_scale, size_based_index
+from components.rows import BICUBIC_PROBES
 
 
 @dataclass

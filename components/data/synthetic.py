@@ -13,10 +13,9 @@ A benchmark where resolution matters. Every identity has
   pattern of period 2-4 detail units in an accent colour (the garment's mean colour
   stays the coarse top colour, so down-sampling averages the pattern away), a
   3-5 unit chest logo, a 1-2 unit belt or sash, the shoe colour. A detail unit is
-  ``height // 64`` pixels (2 px at the default 128 x 64): large enough for a small
-  F to learn within a few epochs and for x2 down-sampling to keep most of it
-  (period 8 px -> 4 px), small enough that x4 removes it (period <= 8 px -> <= 2 px,
-  the Nyquist limit).
+  ``height // 64`` pixels (2 px at the default 128 x 64): large enough for x2
+  down-sampling to keep part of it (period 8 px -> 4 px), small enough that x4
+  removes it (period <= 8 px -> <= 2 px, the Nyquist limit).
 
 The full (coarse + fine) combination is unique per identity. Cameras differ in
 background scene (corridor with wall bands and floor tiles, street with
