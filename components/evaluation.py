@@ -31,7 +31,7 @@ from components.data import table as T
 from components.data.dataset import group_by_size, to_tensor, ungroup
 from components.metrics import evaluate_features
 from components.models.pri import PRI, Adaptive, SizeBased, ideal_scale, size_based_index
-from components.rows import BICUBIC_PROBES
+from components.rows import ADAPTIVE, BICUBIC_PROBES, IDEAL, NOISE_ORACLE, SIZE_BASED
 
 
 @dataclass
@@ -165,9 +165,9 @@ def choices(pri: PRI, emb: Embeddings, hr_height: float) -> dict[str, torch.Tens
     scales = pri.scales.cpu()
     Q = len(emb.heights)
     out = {f"Fixed x{float(r):g}": torch.full((Q,), k, dtype=torch.long) for k, r in enumerate(scales.tolist())}
-    out["Size-based"] = size_based_index(scales, hr_height, torch.as_tensor(emb.heights, dtype=torch.float32))
+    out[SIZE_BASED] = size_based_index(scales, hr_height, torch.as_tensor(emb.heights, dtype=torch.float32))
     if emb.probs is not None:
-        out["Adaptive (PRI)"] = emb.probs.argmax(1)
+        out[ADAPTIVE] = emb.probs.argmax(1)
     return out
 
 
@@ -177,7 +177,7 @@ def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_ran
     mean / std of rank-1/5/10 and mAP in %, the mean CMC curve, per-probe ranks and APs, and the
     chosen scales."""
     indices = choices(pri, emb, hr_height)
-    indices["Ideal"] = None  # the oracle depends on the draw
+    indices[IDEAL] = None  # the oracle depends on the draw
     scales = pri.scales.cpu()
     rows = {}
     for name, fixed in indices.items():
@@ -185,7 +185,7 @@ def score(pri: PRI, emb: Embeddings, test: TestSet, *, hr_height: float, max_ran
         scale = scales[torch.stack(picked)].numpy()  # [D, Q]
         rows[name] = {**_summary(results), "scales": scale[0], "scale": scale}  # scales: draw 0's choice
     results, _ = _score_choice(noisy_scales(emb.all_scales, seed), None, emb.gallery, test, max_rank)
-    rows["Noise oracle"] = {**_summary(results), "scale": None}
+    rows[NOISE_ORACLE] = {**_summary(results), "scale": None}
     rows[BICUBIC_PROBES] = score_features(emb.bicubic, emb.gallery, test, max_rank=max_rank)
     return rows
 

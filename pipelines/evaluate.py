@@ -16,9 +16,9 @@ Every row is also kept probe by probe, and the claims are tested on those record
 mAP with 95% intervals from a bootstrap over the test identities (adaptive vs each
 fixed scale, vs the best fixed scale chosen again in every resample, vs size-based,
 vs bicubic + F; ideal vs adaptive; HR probes vs bicubic probes; each variant vs
-bicubic + F), every row per true
-down-sampling factor, the oracle's selection-bias baselines, and P's diagnostics
-(agreement with the oracle's best scale against chance, entropy, confusion matrix).
+bicubic + F), every row per true down-sampling factor, the oracle's selection-bias
+baselines, and P's diagnostics (agreement with the oracle's best scale against
+chance, entropy, confusion matrix).
 
 Inputs:  data/split/split.parquet, data/canonical.parquet (the probes' HR originals), models/model.pt, models/ablation/<variant>/model.pt,
          reports/plots/r_p_history.csv (train), reports/plots/{pretrain,joint}_curve.csv
@@ -47,8 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.rows import BICUBIC, BICUBIC_PROBES, HR_PROBES
-
+from components.rows import ADAPTIVE, BICUBIC, BICUBIC_PROBES, HR_PROBES, IDEAL, SIZE_BASED
 from pipelines.common import CANONICAL, REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from, variant_path
 from pipelines.train import OUT as MODEL
 
@@ -57,7 +56,7 @@ log = logging.getLogger("lrreid")
 FIGURES = Path(REPORTS) / "figures"
 PER_PROBE = Path(REPORTS) / "eval" / "per_probe.parquet"
 PLOTS = Path(REPORTS) / "plots"
-HEADLINE = {"adaptive": "Adaptive (PRI)", "size_based": "Size-based", "ideal": "Ideal", "fixed": "Fixed x1"}
+HEADLINE = {"adaptive": ADAPTIVE, "size_based": SIZE_BASED, "ideal": IDEAL, "fixed": "Fixed x1"}
 VARIANT_ROWS = {"bicubic": BICUBIC, "ffsr_rife": "FFSR + RIFE", "rife_pri": "RIFE as F + PRI"}  # variant -> row
 
 
@@ -232,7 +231,7 @@ def write_reports(rows: dict[str, dict], metrics: dict, emb, test, pri, stats: d
             for k, v in enumerate(r["cmc"][:20], start=1):
                 w.writerow([name, k, round(float(v), 3)])
     scales = pri.scales.cpu().tolist()
-    adaptive = rows.get("Adaptive (PRI)", {}).get("scales")
+    adaptive = rows.get(ADAPTIVE, {}).get("scales")
     outputs = [reports / "evaluate.json", reports / "ablation.json", reports / "ablation.md", PLOTS / "cmc.csv"]
     if adaptive is not None:
         with atomic_path(PLOTS / "scale_histogram.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -365,7 +364,7 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     out = [figures.cmc_chart({n: r["cmc"] / 100 for n, r in rows.items()}, FIGURES / "cmc.png",
                              title=f"CMC, mean of {next(iter(rows.values()))['repeats']} gallery draws")]
     scales = pri.scales.cpu().tolist()
-    adaptive = rows.get("Adaptive (PRI)", {}).get("scales")
+    adaptive = rows.get(ADAPTIVE, {}).get("scales")
     if adaptive is not None:
         out.append(figures.scale_histogram(test.q_scales, adaptive, FIGURES / "scale_histogram.png", scales=scales))
     history = Path(PLOTS) / "r_p_history.csv"  # written by the train stage
@@ -397,7 +396,7 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     draw = test.draws[0]
     g_images = decode_images(test.gallery.take(draw))
     g_pids = test.g_pids[draw]
-    index = torch.as_tensor(rows["Adaptive (PRI)"]["scales"] if adaptive is not None else np.ones(len(true)))
+    index = torch.as_tensor(rows[ADAPTIVE]["scales"] if adaptive is not None else np.ones(len(true)))
     recoveries, probs, chosen, gallery, matches, labels = [], [], [], [], [], []
     with torch.no_grad():
         for i, x in zip(picks, probes):

@@ -5,7 +5,8 @@ With data.layout = synthetic, generate the procedural pedestrian dataset
 depend only on those params, so a fresh clone regenerates exactly the directory
 whose md5 data.dvc records, and needs no DVC remote. A manifest
 (SYNTHETIC.json) inside the folder records the params and the generator's
-version; when both match, nothing is regenerated. With a real layout, only check that data/raw is there.
+version; when both match, nothing is regenerated. With a real layout, only
+check that data/raw is there.
 
 Inputs:  params data.layout, data.synthetic.*
 Outputs: data/raw/ (then `dvc add data/raw` records a new version in data.dvc)
