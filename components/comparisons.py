@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from components.rows import ADAPTIVE, BICUBIC, BICUBIC_PROBES, HR_PROBES, IDEAL, NOISE_ORACLE, SIZE_BASED
+from components.rows import (ADAPTIVE, BICUBIC, BICUBIC_PROBES, HR_PROBES, IDEAL, NOISE_ORACLE, RIFE_BICUBIC, RIFE_PRI,
+                            SIZE_BASED)
 from components.stats import PairedDiff, bootstrap_means, group_sums, oracle_baselines, paired_bootstrap, record_diffs
 
 PER_PROBE_SCHEMA = pa.schema([
@@ -138,6 +139,8 @@ def claims(rows: list[str]) -> list[tuple[str, str | list[str], str]]:
     known = set(fixed) | {ADAPTIVE, SIZE_BASED, IDEAL, NOISE_ORACLE, BICUBIC, BICUBIC_PROBES, HR_PROBES}
     if BICUBIC in rows:  # the other models against the baseline model
         out += [(f"{v} - {BICUBIC}", v, BICUBIC) for v in rows if v not in known]
+    if RIFE_PRI in rows and RIFE_BICUBIC in rows:  # what PRI's recovery adds to a RIFE
+        out.append((f"{RIFE_PRI} - {RIFE_BICUBIC}", RIFE_PRI, RIFE_BICUBIC))
     return out
 
 

@@ -135,7 +135,7 @@ class SRParams(_Section):
 class FFSRParams(_Section):
     """FFSR: conv autoencoder with two stride-2 downs / ups and symmetric skips."""
 
-    channels: int = Field(32, ge=1)  # feature channels of the first level (x2 per down)
+    channels: int = Field(16, ge=1)  # feature channels of the first level (x2 per down)
     sigma: float = Field(0.5, gt=0)  # Gaussian foreground mask, sigma relative to the image size
     weights: str | None = None
 
@@ -146,6 +146,8 @@ class RIFEParams(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # paper: resnet50
     feature_dim: int = Field(256, ge=1)  # the final feature f
     weight_hidden: int = Field(64, ge=1)  # FC -> ReLU -> FC -> sigmoid predicting w^L, w^H
+    r_grad: Literal["streams", "predictors"] = "streams"  # where L^R's gradient goes (the paper is silent):
+    #   streams: through the predictors into the DSB streams; predictors: the predictors' FCs only
 
 
 class ModelParams(_Section):
@@ -207,6 +209,9 @@ class TrainParams(_Section):
     lr_backbone: float = Field(0.001, gt=0)  # Adam (0.9, 0.999) learning rate of the backbones (paper: 0.01)
     lr_head: float = Field(0.001, gt=0)  # ... and of the added layers (1x1 convs, FCs, G's meta layers) (paper: 0.1)
     lr_decay: float = Field(0.1, gt=0, le=1)  # after T1 both rates are multiplied by this (paper: 0.1)
+    optimizer: Literal["adam", "sgd"] = "adam"  # both phases (paper: Adam)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(0.0, ge=0)  # L2 on every parameter (paper: not stated)
     pretrain_epochs: int = Field(4, ge=1)  # T1 (paper: 20; CAVIAR 60)
     epochs: int = Field(4, ge=1)  # T2 (paper: 60; CAVIAR 140)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
@@ -220,6 +225,39 @@ class TrainParams(_Section):
     max_failures: int = Field(1, ge=-1)  # FailureConfig: worker failures to recover from
     storage_path: str = "ray_results"  # Ray checkpoints; on a cluster: shared (NFS path, s3://...)
     ray_address: str | None = None  # join this cluster (RAY_ADDRESS overrides); null: local Ray
+
+
+class StepParams(_Section):
+    """One training step of FFSR + RIFE: its length, optimiser and step-decay schedule (FFSR paper Sec. 5.2)."""
+
+    epochs: int = Field(4, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(0.001, gt=0)  # every parameter of the step (the paper has one rate)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(0.0, ge=0)
+    milestones: list[int] = []  # epochs of the step (counted from 0) at which lr is multiplied by lr_decay
+    lr_decay: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _ascending(cls, v):
+        if any(m < 1 for m in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("ascending epochs >= 1 of the step, e.g. [30] (the rate drops before that epoch)")
+        return v
+
+
+class FFSRRIFETrainParams(_Section):
+    """The FFSR paper's three training steps (Sec. 5.2), for train.model: ffsr_rife and the ffsr_rife variant.
+
+    Step 1 (ffsr) fits FFSR with L^FFSR, step 2 (rife) RIFE with L^RIFE on FFSR's fixed outputs: both in
+    the pretrain stage; step 3 (joint) both with Eq. 4 in the train stage. Loader, precision and Ray
+    settings come from train.
+    """
+
+    identities_per_batch: int | None = Field(None, ge=2)  # P of the P x K sampler; null: train.identities_per_batch
+    ffsr: StepParams = StepParams()
+    rife: StepParams = StepParams()
+    joint: StepParams = StepParams(lr=0.0001)
 
 
 class EvaluateParams(_Section):
@@ -339,10 +377,17 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     loss: LossParams = LossParams()
     train: TrainParams = TrainParams()
+    ffsr_rife: FFSRRIFETrainParams = FFSRRIFETrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     ablation: AblationParams = AblationParams()
     tune: TuneParams = TuneParams()
+
+    def batch_identities(self) -> tuple[int, str]:
+        """P of the P x K sampler for the model train.model names, and the key it comes from."""
+        if self.train.model == "ffsr_rife" and self.ffsr_rife.identities_per_batch is not None:
+            return self.ffsr_rife.identities_per_batch, "ffsr_rife.identities_per_batch"
+        return self.train.identities_per_batch, "train.identities_per_batch"
 
     def for_variant(self, name: str | None) -> "Params":
         """These params with ablation variant ``name``'s overrides (VARIANTS); None: unchanged."""
@@ -365,16 +410,17 @@ class Params(_Section):
                 )
         if self.data.layout == "synthetic":  # real datasets: checked by the training stages on the split
             n_train = syn.identities - (self.split.test_identities or syn.identities - syn.train_identities)
-            if n_train < self.train.identities_per_batch * self.train.num_workers:
+            P, key = self.batch_identities()
+            if n_train < P * self.train.num_workers:
                 raise _KeyError(
                     "split.test_identities", self.split.test_identities,
-                    f"leaves {n_train} training identities, but a batch needs train.identities_per_batch = "
-                    f"{self.train.identities_per_batch} per worker ({self.train.num_workers}); lower one of them")
-            if n_train - self.split.val_identities < self.train.identities_per_batch * self.train.num_workers:
+                    f"leaves {n_train} training identities, but a batch needs {key} = "
+                    f"{P} per worker ({self.train.num_workers}); lower one of them")
+            if n_train - self.split.val_identities < P * self.train.num_workers:
                 raise _KeyError(
                     "split.val_identities", self.split.val_identities,
                     f"leaves {n_train - self.split.val_identities} of the {n_train} training identities to train "
-                    f"on, but a batch needs train.identities_per_batch = {self.train.identities_per_batch} per worker "
+                    f"on, but a batch needs {key} = {P} per worker "
                     f"({self.train.num_workers}); lower split.val_identities (0: no validation)")
         if self.degrade.protocol == "mlr" and max(self.degrade.scales) > max(self.model.scales):
             raise _KeyError(

@@ -222,27 +222,35 @@ def noisy_scales(all_scales: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_ffsr_rife(ffsr: torch.nn.Module, rife: torch.nn.Module, test: TestSet, *, hr_size: tuple[int, int],
-                    batch_size: int = 64, device="cpu", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FFSR paper's model on the test set: probes FFSR(x_l) super-resolved to ``hr_size``
-    then RIFE; gallery images RIFE(x_h). Returns (probe features [Q, D], gallery features [G, D])."""
-    ffsr, rife = ffsr.to(device).eval(), rife.to(device).eval()
+def embed_ffsr_rife(model: torch.nn.Module, test: TestSet, *, hr_size: tuple[int, int], batch_size: int = 64,
+                    device="cpu", progress: bool = True, bicubic: bool = True) -> dict[str, torch.Tensor]:
+    """The FFSR paper's model (an FFSRRIFE) on the test set, every image through FFSR then RIFE
+    (Eq. 3), probes super-resolved to ``hr_size``: "probe" [Q, D] and "gallery" [G, D].
+    With ``bicubic`` also RIFE alone, without FFSR: "probe_bicubic" (RIFE on the probes
+    bicubic-enlarged to ``hr_size``) and "gallery_plain" (RIFE on the gallery images)."""
+    model = model.to(device).eval()
     q_images, g_images = decode_images(test.query), decode_images(test.gallery)
-    probes, gallery = [], []
+    out = {k: [] for k in ("probe", "gallery") + (("probe_bicubic", "gallery_plain") if bicubic else ())}
     bar = tqdm(total=len(q_images) + len(g_images), desc="embed test set (FFSR+RIFE)", unit="img",
                disable=not progress)
     for start in range(0, len(q_images), batch_size):
         chunk = q_images[start:start + batch_size]
         groups = group_by_size([x.to(device) for x in chunk])
-        feats = [rife(ffsr(g.images, hr_size).clamp(0, 1)).feature.float().cpu() for g in groups]
-        probes.append(ungroup(groups, feats, len(chunk)))
+        out["probe"].append(ungroup(groups, [model(g.images, hr_size).feature.float().cpu() for g in groups],
+                                    len(chunk)))
+        if bicubic:
+            up = [torch.nn.functional.interpolate(g.images, size=tuple(hr_size), mode="bicubic", align_corners=False)
+                  for g in groups]
+            out["probe_bicubic"].append(ungroup(groups, [model.rife(x).feature.float().cpu() for x in up], len(chunk)))
         bar.update(len(chunk))
     for start in range(0, len(g_images), batch_size):
         chunk = torch.stack([x.to(device) for x in g_images[start:start + batch_size]])
-        gallery.append(rife(chunk).feature.float().cpu())
+        out["gallery"].append(model(chunk, tuple(chunk.shape[-2:])).feature.float().cpu())
+        if bicubic:
+            out["gallery_plain"].append(model.rife(chunk).feature.float().cpu())
         bar.update(len(chunk))
     bar.close()
-    return torch.cat(probes), torch.cat(gallery)
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def score_features(probe: torch.Tensor, gallery: torch.Tensor, test: TestSet, *, max_rank: int = 50) -> dict:
@@ -267,6 +275,17 @@ def validate(pri: PRI, test: TestSet, *, hr_height: float, batch_size: int = 64,
                for i in range(0, len(g_images), batch_size)]
     pri.train(was_training)
     row = score_features(torch.cat(probes).cpu(), torch.cat(gallery).cpu(), test, max_rank=1)
+    return {"val_rank1": row["rank1"], "val_mAP": row["mAP"]}
+
+
+def validate_ffsr_rife(model: torch.nn.Module, test: TestSet, *, hr_size: tuple[int, int], batch_size: int = 64,
+                       device="cpu") -> dict[str, float]:
+    """Rank-1 and mAP (%) of FFSR + RIFE (Eq. 3, as :func:`embed_ffsr_rife`) on a validation set."""
+    was_training = model.training
+    feats = embed_ffsr_rife(model, test, hr_size=hr_size, batch_size=batch_size, device=device, progress=False,
+                            bicubic=False)
+    model.train(was_training)
+    row = score_features(feats["probe"], feats["gallery"], test, max_rank=1)
     return {"val_rank1": row["rank1"], "val_mAP": row["mAP"]}
 
 

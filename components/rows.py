@@ -5,3 +5,6 @@ NOISE_ORACLE = "Noise oracle"  # Ideal's choice among noise copies of the mean s
 BICUBIC = "Bicubic + F"  # the baseline model: F trained on bicubic-enlarged x_l (ablation variant "bicubic")
 BICUBIC_PROBES = "PRI's F, bicubic probes"  # diagnostic: PRI's own F on bicubic-enlarged probes (no G)
 HR_PROBES = "HR probes"  # PRI's F on the probes' HR originals: what SR works toward
+FFSR_RIFE = "FFSR + RIFE"  # the FFSR paper's model (ablation variant "ffsr_rife"): every image through FFSR then RIFE
+RIFE_BICUBIC = "RIFE, bicubic probes"  # diagnostic: that model's RIFE alone, probes bicubic-enlarged, gallery as is
+RIFE_PRI = "RIFE as F + PRI"  # PRI with RIFE as its re-id module (ablation variant "rife_pri"), adaptive scale

@@ -4,7 +4,7 @@ Framework-free (no Ray, MLflow or DVC); precision (autocast, the bf16 check) is
 components/precision.py. The Ray Train worker (pipelines/ray_train.py) builds the model,
 loader and optimiser and calls one function per epoch::
 
-    optimizer = build_optimizer(model, params.train, phase)        # Adam, two lr groups (PRI Sec. 4.1)
+    optimizer = build_optimizer(model, params.train, phase)        # components/optim.py
     for epoch in range(start, epochs):
         if phase == "joint" and bank.should_refresh(epoch):        # every omega epochs (PRI Sec. 3.4)
             refresh_label_bank(unwrap(model), loader.dataset, bank, epoch, device=device, precision=precision)
@@ -17,11 +17,12 @@ Where the papers' equations are:
 - PRI (Han et al.), :func:`pri_losses`: L_sr (Eq. 2), L_id, L_tri (Eq. 5), L_p (Eq. 4)
   with the soft labels of Eq. 3, total L (Eq. 6). Pre-training (Sec. 3.5) drops P and L_p
   and recovers x_l at a random scale; joint training recovers x_l at r_p = argmax P(x_l)
-  (Eq. 1). Learning rates: backbones 0.01, added layers 0.1, both x0.1 after T1 (Sec. 4.1).
+  (Eq. 1). Optimisers and learning-rate schedules of every step: components/optim.py.
   With RIFE as F ("RIFE + PRI") the resolution weighting loss (FFSR paper Eq. 7) is added.
 - FFSR + RIFE (Mao et al.), :func:`run_ffsr_rife_epoch`: the three training steps of
-  Sec. 5.2: L^FFSR (Eq. 5), L^RIFE = L^X + beta sum_t L^R_t (Eq. 7-9), jointly
-  L^FFSR + alpha L^RIFE (Eq. 4). Resolution r = width / width_max (Sec. 3).
+  Sec. 5.2: L^FFSR (Eq. 5, each SR image against its own HR image), L^RIFE = L^X +
+  beta sum_t L^R_t (Eq. 7-9) on FFSR's outputs (Eq. 3), jointly L^FFSR + alpha L^RIFE
+  (Eq. 4). Resolution r = width / width_max (Sec. 3).
 
 Losses are computed in fp32 outside autocast; every term is checked each step and a
 NaN / inf stops training with :class:`NonFiniteLossError` naming epoch, step and term.
@@ -49,18 +50,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from components.config import LossParams, TrainParams
+from components.config import LossParams
 from components.data.dataset import SizeGroup, TripletBatch, TripletDataset, collate_triplets, group_by_size, ungroup
 from components.fsutil import atomic_path
 from components.losses import id_loss, prediction_loss, sr_loss, total_loss, triplet_loss
+from components.models import unwrap  # noqa: F401 (re-exported)
 from components.models.ffsr import ffsr_loss, foreground_mask
-from components.models.weights import torch_load
 from components.models.reid import ReIDOutput
-from components.models.rife import RIFE, DualStreamBlock, resolution_loss, rife_loss
+from components.models.rife import resolution_loss, rife_loss
+from components.models.weights import torch_load
+from components.optim import PHASES, build_optimizer, param_groups  # noqa: F401 (re-exported)
 from components.precision import autocast, resolve_precision
 from components.soft_label import LabelBank, label_entropy
 
-PHASES = ("pretrain", "joint")
 FFSR_RIFE_STEPS = ("ffsr", "rife", "joint")
 STATE_FORMAT = "lrreid-training-state/1"
 WEIGHTS_FORMAT = "lrreid-weights/1"
@@ -68,60 +70,6 @@ WEIGHTS_FORMAT = "lrreid-weights/1"
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the epoch, the step and the term."""
-
-
-# ----------------------------------------------------------------------------- model and optimiser
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel / DataParallel (/ torch.compile)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _trunks(model: nn.Module):
-    """The torchvision trunks inside ``model``: every ``.backbone``, RIFE's stem and its DSB streams."""
-    for m in model.modules():
-        backbone = getattr(m, "backbone", None)
-        if isinstance(backbone, nn.Module):
-            yield backbone
-        if isinstance(m, RIFE):
-            yield m.stem
-        if isinstance(m, DualStreamBlock):
-            yield m.stage_L
-            yield m.stage_H
-
-
-def param_groups(model: nn.Module, lr_backbone: float, lr_head: float) -> list[dict]:
-    """Two Adam groups: torchvision trunks at lr_backbone, everything else (1x1 convs, FCs,
-    classifiers, G, FFSR...) at lr_head (PRI Sec. 4.1). Every parameter is in exactly one."""
-    model = unwrap(model)
-    trunk = {id(p) for t in _trunks(model) for p in t.parameters()}
-    backbone, head = [], []
-    for p in model.parameters():  # de-duplicated: shared parameters appear once
-        (backbone if id(p) in trunk else head).append(p)
-    return [{"params": backbone, "lr": float(lr_backbone), "name": "backbone"},
-            {"params": head, "lr": float(lr_head), "name": "head"}]
-
-
-def build_optimizer(model: nn.Module, train: TrainParams, phase: str) -> torch.optim.Optimizer:
-    """Adam (0.9, 0.999) on :func:`param_groups`; in the joint phase both rates times lr_decay (after T1)."""
-    if phase not in PHASES:
-        raise ValueError(f"phase {phase!r}: use one of {', '.join(PHASES)}")
-    decay = 1.0 if phase == "pretrain" else train.lr_decay
-    groups = param_groups(model, train.lr_backbone * decay, train.lr_head * decay)
-    return torch.optim.Adam(groups, betas=(0.9, 0.999))
-
-
-def _lr(optimizer: torch.optim.Optimizer, name: str, position: int) -> float:
-    for g in optimizer.param_groups:
-        if g.get("name") == name:
-            return float(g["lr"])
-    groups = optimizer.param_groups
-    return float(groups[min(position, len(groups) - 1)]["lr"])
 
 
 # ----------------------------------------------------------------------------- PRI losses
@@ -322,6 +270,14 @@ def _backward_step(total: Tensor, optimizer, scaler) -> None:
         optimizer.step()
 
 
+def _lr(optimizer: torch.optim.Optimizer, name: str, position: int) -> float:
+    for g in optimizer.param_groups:
+        if g.get("name") == name:
+            return float(g["lr"])
+    groups = optimizer.param_groups
+    return float(groups[min(position, len(groups) - 1)]["lr"])
+
+
 class _Meter:
     """Sample-weighted sums of the epoch's terms; combined over ranks at the end."""
 
@@ -428,12 +384,15 @@ def run_ffsr_rife_epoch(ffsr: nn.Module, rife: nn.Module, loader, optimizer: tor
                         progress: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
     """One epoch of one of the FFSR paper's three training steps (Sec. 5.2), same loader as PRI.
 
-    - "ffsr":  L^FFSR (Eq. 5, Gaussian mask of ``sigma``) of FFSR(x_l) and FFSR(x_sl),
-               both super-resolved to the size of x_h, against x_h.
-    - "rife":  L^RIFE (Eq. 9, beta = loss.beta_r) on x_h (r = 1) and on x_l bicubic-
-               upsampled to the size of x_h (r = width(x_l) / hr_width: enlarging adds no
-               resolution, Sec. 3; left unclamped in value like FFSR's own bicubic path).
-    - "joint": L^FFSR + loss.alpha_rife * L^RIFE (Eq. 4), RIFE on x_h and FFSR(x_l).
+    Every image reaches RIFE through FFSR at the HR size (Eq. 3): x_h (r = 1), x_sl (x_h
+    down-sampled by r_sl: its HR ground truth is x_h) and x_l (the person's LR image from
+    another camera: its own HR version is not known). r = width / hr_width (Sec. 3).
+
+    - "ffsr":  L^FFSR (Eq. 5, Gaussian mask of ``sigma``) of FFSR(x_h) and FFSR(x_sl), each
+               against its own HR image x_h; only FFSR is trained.
+    - "rife":  FFSR fixed (eval, no gradient); L^RIFE (Eq. 9, beta = loss.beta_r) of RIFE on
+               FFSR(x_h) and FFSR(x_l).
+    - "joint": L^FFSR + loss.alpha_rife * L^RIFE (Eq. 4), both trained.
 
     Each of ``ffsr`` / ``rife`` is called at most once per step (all images in one
     batch), so each may be wrapped in its own DistributedDataParallel.
@@ -443,8 +402,8 @@ def run_ffsr_rife_epoch(ffsr: nn.Module, rife: nn.Module, loader, optimizer: tor
     if step not in FFSR_RIFE_STEPS:
         raise ValueError(f"step {step!r}: use one of {', '.join(FFSR_RIFE_STEPS)}")
     device, precision, scaler = _epoch_setup(loader, epoch, device, precision, scaler)
-    use_ffsr, use_rife = step in ("ffsr", "joint"), step in ("rife", "joint")
-    ffsr.train(use_ffsr)
+    fit_ffsr, use_rife = step in ("ffsr", "joint"), step in ("rife", "joint")
+    ffsr.train(fit_ffsr)
     rife.train(use_rife)
     meter = _Meter()
     n_steps = len(loader)
@@ -456,17 +415,21 @@ def run_ffsr_rife_epoch(ffsr: nn.Module, rife: nn.Module, loader, optimizer: tor
             return ungroup(groups, [F.interpolate(g.images, size=(H, W), mode="bicubic", align_corners=False)
                                     for g in groups], B)
 
-        up_l = up(batch.x_l)
+        x = {"h": batch.x_h}  # FFSR's own bicubic step is the identity on these (already the HR size)
+        if fit_ffsr:
+            x["sl"] = up(batch.x_sl)
+        if use_rife:
+            x["l"] = up(batch.x_l)
         with autocast(device, precision):
-            if use_ffsr:  # FFSR's own bicubic step is the identity on these (same size)
-                sr = ffsr(torch.cat([up_l, up(batch.x_sl)]), (H, W))  # [FFSR(x_l) | FFSR(x_sl)]
+            with torch.set_grad_enabled(fit_ffsr):
+                sr = dict(zip(x, ffsr(torch.cat(list(x.values())), (H, W)).split(B)))  # Eq. 3, first half
             if use_rife:
-                x_lr = sr[:B] if step == "joint" else up_l
-                out = rife(torch.cat([batch.x_h, x_lr]))  # [x_h | x_l enlarged]
+                out = rife(torch.cat([sr["h"], sr["l"]]))  # Eq. 3, second half
         terms = {}
-        if use_ffsr:
+        if fit_ffsr:
             mask = foreground_mask(H, W, sigma, device=device)
-            terms["L_ffsr"] = ffsr_loss(sr.float(), batch.x_h.float().repeat(2, 1, 1, 1), mask)  # Eq. 5
+            own_hr = torch.cat([batch.x_h, batch.x_h]).float()  # the HR ground truth of x_h and of x_sl
+            terms["L_ffsr"] = ffsr_loss(torch.cat([sr["h"], sr["sl"]]).float(), own_hr, mask)  # Eq. 5
         if use_rife:
             r_l = (_widths(batch.x_l, B, device) / float(hr_width)).clamp(max=1.0)
             r = torch.cat([torch.ones(B, device=device), r_l])

@@ -24,6 +24,7 @@ STAGES = {
     "evaluate": "pipelines.evaluate",
     "register": "pipelines.register",
     "tune": "pipelines.tune",
+    "pretrain-ffsr": "pipelines.pretrain_ffsr",
     "preset": "pipelines.preset",
     "query": "pipelines.query",
     "compare": "pipelines.compare",

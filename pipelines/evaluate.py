@@ -9,14 +9,15 @@ Table 2 (fixed x1..xN, size-based, ideal, adaptive) and the diagnostic rows
 the model (components/evaluation.py). Each ablation variant trained beside it
 (ablation.variants) adds its row under the same protocol: "Bicubic + F" (F
 trained on bicubic-enlarged LR images, no G), "FFSR + RIFE" (the FFSR paper's
-model) and "RIFE as F + PRI" (PRI with RIFE as its re-id module, adaptive scale).
+model, every image through FFSR then RIFE, Eq. 3) with "RIFE, bicubic probes" (its
+RIFE alone), and "RIFE as F + PRI" (PRI with RIFE as its re-id module, adaptive scale).
 
 Every row is also kept probe by probe, and the claims are tested on those records
 (components/comparisons.py, components/stats.py): paired differences of rank-1 and
 mAP with 95% intervals from a bootstrap over the test identities (adaptive vs each
 fixed scale, vs the best fixed scale chosen again in every resample, vs size-based,
 vs bicubic + F; ideal vs adaptive; HR probes vs bicubic probes; each variant vs
-bicubic + F), every row per true down-sampling factor, the oracle's selection-bias
+bicubic + F; RIFE as F + PRI vs RIFE on bicubic probes), every row per true down-sampling factor, the oracle's selection-bias
 baselines, and P's diagnostics (agreement with the oracle's best scale against
 chance, entropy, confusion matrix).
 
@@ -47,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.rows import ADAPTIVE, BICUBIC, BICUBIC_PROBES, HR_PROBES, IDEAL, SIZE_BASED
+from components.rows import (ADAPTIVE, BICUBIC, BICUBIC_PROBES, FFSR_RIFE, HR_PROBES, IDEAL, RIFE_BICUBIC, RIFE_PRI,
+                            SIZE_BASED)
 from pipelines.common import CANONICAL, REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from, variant_path
 from pipelines.train import OUT as MODEL
 
@@ -57,7 +59,7 @@ FIGURES = Path(REPORTS) / "figures"
 PER_PROBE = Path(REPORTS) / "eval" / "per_probe.parquet"
 PLOTS = Path(REPORTS) / "plots"
 HEADLINE = {"adaptive": ADAPTIVE, "size_based": SIZE_BASED, "ideal": IDEAL, "fixed": "Fixed x1"}
-VARIANT_ROWS = {"bicubic": BICUBIC, "ffsr_rife": "FFSR + RIFE", "rife_pri": "RIFE as F + PRI"}  # variant -> row
+VARIANT_ROWS = {"bicubic": BICUBIC, "ffsr_rife": FFSR_RIFE, "rife_pri": RIFE_PRI}  # variant -> its row
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -93,8 +95,7 @@ def run(args: argparse.Namespace) -> None:
     if params.degrade.protocol != "genuine":  # genuine LR probes have no HR version
         rows[HR_PROBES] = hr_probes_row(pri, emb.gallery, test, params, device)
     for variant, (vparams, model) in variants.items():
-        rows[VARIANT_ROWS[variant]] = score_variant(vparams, variant, model, test, device,
-                                                    progress=not args.no_progress)
+        rows.update(score_variant(vparams, variant, model, test, device, progress=not args.no_progress))
 
     headline = rows[HEADLINE[e.predictor]]
     sections = params.model_dump(mode="json")
@@ -163,19 +164,21 @@ def load_trained(params, model_file: Path, variant: str | None = None):
     return model.eval(), meta
 
 
-def score_variant(vparams, variant: str, model, test, device, progress: bool) -> dict:
-    """The table row of ablation variant ``variant`` (``model`` trained by train_variant@<variant>)."""
+def score_variant(vparams, variant: str, model, test, device, progress: bool) -> dict[str, dict]:
+    """The table rows of ablation variant ``variant`` (``model`` trained by train_variant@<variant>):
+    its own row, and for FFSR + RIFE also its RIFE alone on bicubic probes."""
     from components.evaluation import embed_ffsr_rife, embed_test_set, score, score_features
 
     e, d = vparams.evaluate, vparams.degrade
     log.info("evaluate: variant %s (%s)", variant, VARIANT_ROWS[variant])
     if vparams.train.model == "ffsr_rife":
-        probe, gallery = embed_ffsr_rife(model.ffsr, model.rife, test, hr_size=(d.hr_height, d.hr_width),
-                                         batch_size=e.batch_size, device=device, progress=progress)
-        return score_features(probe, gallery, test, max_rank=e.max_rank)
+        f = embed_ffsr_rife(model, test, hr_size=(d.hr_height, d.hr_width), batch_size=e.batch_size, device=device,
+                            progress=progress)
+        return {FFSR_RIFE: score_features(f["probe"], f["gallery"], test, max_rank=e.max_rank),
+                RIFE_BICUBIC: score_features(f["probe_bicubic"], f["gallery_plain"], test, max_rank=e.max_rank)}
     emb = embed_test_set(model, test, batch_size=e.batch_size, device=device, progress=progress)
     rows = score(model, emb, test, hr_height=d.hr_height, max_rank=e.max_rank)
-    return rows[BICUBIC_PROBES if vparams.model.sr.kind == "bicubic" else HEADLINE["adaptive"]]
+    return {VARIANT_ROWS[variant]: rows[BICUBIC_PROBES if vparams.model.sr.kind == "bicubic" else ADAPTIVE]}
 
 
 def _key(name: str) -> str:

@@ -2,14 +2,18 @@
 
 PRI: L_sr + alpha L_id + beta L_tri, x_l and x_sl each recovered at a randomly
 chosen scale, for train.pretrain_epochs (T1) epochs; P is not trained yet.
-FFSR + RIFE (train.model = ffsr_rife): FFSR fitted with its foreground-focus
-loss for T1 epochs, then RIFE with L^RIFE for T1 epochs.
+FFSR + RIFE (train.model = ffsr_rife, or --variant ffsr_rife): step 1, FFSR
+fitted with L^FFSR (ffsr_rife.ffsr), then step 2, RIFE with L^RIFE on FFSR's fixed
+outputs (ffsr_rife.rife); each step its own optimiser and schedule. FFSR starts from
+model.ffsr.weights if set (e.g. `lrreid pretrain-ffsr` on generic images).
 
 Inputs:  data/split/split.parquet, data/split/pairs.parquet
 Outputs: models/pretrain.pt, reports/pretrain.json; an MLflow run (mlflow.db)
          and Ray checkpoints under train.storage_path. With --variant V (an
-         ablation variant): models/ablation/V/pretrain.pt, reports/ablation/V/pretrain.json
-Params:  model.*, loss.*, train.* (workers, epochs, learning rates, precision)
+         ablation variant): models/ablation/V/pretrain.pt, reports/ablation/V/pretrain.json;
+         the curve (losses, validation rank-1 per epoch): reports/plots/pretrain_curve.csv
+         or reports/ablation/V/pretrain_curve.csv
+Params:  model.*, loss.*, train.* (workers, epochs, learning rates, precision), ffsr_rife.*
 Running it again after a crash resumes from the last checkpoint.
 """
 

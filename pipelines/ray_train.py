@@ -112,11 +112,12 @@ def check_batch_fits(params: Params, pairs: pa.Table) -> None:
     import pyarrow.compute as pc
 
     t = params.train
+    P, key = params.batch_identities()
     n = len(pc.unique(pairs["person_id"]))
-    if n < t.identities_per_batch * t.num_workers:
+    if n < P * t.num_workers:
         raise StageError(f"the split has {n} training identities with an (x_l, x_h) pair, but a batch needs "
-                         f"train.identities_per_batch = {t.identities_per_batch} on each of train.num_workers = "
-                         f"{t.num_workers}; lower train.identities_per_batch, or split.test_identities")
+                         f"{key} = {P} on each of train.num_workers = "
+                         f"{t.num_workers}; lower {key}, or split.test_identities")
 
 
 def check_resources(params: Params, nodes: list[dict] | None = None) -> int:
@@ -227,18 +228,32 @@ def backfill_history(run_id: str, history: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------- worker side
-def ffsr_rife_step(phase: str, epoch: int, params: Params) -> str:
-    """pretrain = step 1 (FFSR, L^FFSR) for T1 epochs, then step 2 (RIFE, L^RIFE) for T1 epochs; train = step 3 (joint)."""
-    if phase == "joint":
-        return "joint"
-    return "ffsr" if epoch < params.train.pretrain_epochs else "rife"
+def epoch_step(params: Params, phase: str, epoch: int) -> tuple[str, int]:
+    """The training step an epoch of ``phase`` belongs to, and the epoch's position in it.
+
+    PRI: the step is the phase. FFSR + RIFE (Sec. 5.2): pretrain = step 1 "ffsr"
+    (ffsr_rife.ffsr.epochs) then step 2 "rife" (ffsr_rife.rife.epochs); joint = step 3 "joint".
+    """
+    if params.train.model == "pri" or phase == "joint":
+        return phase, epoch
+    n_ffsr = params.ffsr_rife.ffsr.epochs
+    return ("ffsr", epoch) if epoch < n_ffsr else ("rife", epoch - n_ffsr)
+
+
+def step_optim(params: Params, step: str):
+    """The OptimSpec of a training step (components/optim.py)."""
+    from components.optim import pri_spec, step_spec
+
+    if params.train.model == "pri":
+        return pri_spec(params.train, step)
+    return step_spec(getattr(params.ffsr_rife, step))
 
 
 def phase_epochs(params: Params, phase: str) -> int:
-    t = params.train
-    if phase == "joint":
-        return t.epochs
-    return 2 * t.pretrain_epochs if t.model == "ffsr_rife" else t.pretrain_epochs
+    t, s = params.train, params.ffsr_rife
+    if t.model == "ffsr_rife":
+        return s.joint.epochs if phase == "joint" else s.ffsr.epochs + s.rife.epochs
+    return t.epochs if phase == "joint" else t.pretrain_epochs
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -253,8 +268,9 @@ def train_loop_per_worker(config: dict) -> None:
     from components.models.pri import build_pri
     from components.soft_label import LabelBank
     from components.precision import PrecisionError, guard_onednn
-    from components.training import (NonFiniteLossError, TrainingState, build_optimizer, refresh_label_bank,
-                                     run_ffsr_rife_epoch, run_pri_epoch, tracked_scales, unwrap)
+    from components.optim import make_optimizer, set_epoch_lr
+    from components.training import (NonFiniteLossError, TrainingState, refresh_label_bank, run_ffsr_rife_epoch,
+                                     run_pri_epoch, tracked_scales, unwrap)
 
     capped = guard_onednn()  # before this process's first convolution
     params = Params.model_validate(config["params"])
@@ -265,7 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(t.seed * 1000 + rank)
     table, pairs = ray.get(config["table"]), ray.get(config["pairs"])
-    loader = make_train_loader(table, pairs, scales=m.scales, P=t.identities_per_batch, K=t.images_per_identity,
+    loader = make_train_loader(table, pairs, scales=m.scales, P=params.batch_identities()[0], K=t.images_per_identity,
                                flip_p=t.flip_p, seed=t.seed, num_workers=t.loader_workers,
                                num_replicas=world, rank=rank)
     dataset = loader.dataset
@@ -282,13 +298,24 @@ def train_loop_per_worker(config: dict) -> None:
     else:  # FFSR and RIFE are called separately: each gets its own DDP wrapper
         model = model.to(device)
         ffsr, rife = (ray.train.torch.prepare_model(part) for part in (model.ffsr, model.rife))
-    optimizer = build_optimizer(model, t, phase)
+
+    def step_optimizer(step: str):  # a step trains what its loss reaches: FFSR + RIFE's steps 1-2 one part each
+        part = unwrap(model) if pri or step == "joint" else getattr(unwrap(model), step)
+        return make_optimizer(part, step_optim(params, step))
+
+    checkpoint = ray.train.get_checkpoint()
+    resumed = -1  # the checkpoint's last finished epoch: its step's optimiser is the one to restore
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            if (Path(d) / "state.pt").exists():  # a stop before the first epoch's end leaves none
+                resumed = TrainingState.peek(Path(d) / "state.pt")["epoch"]
+    step = epoch_step(params, phase, max(resumed, 0))[0]
+    optimizer = step_optimizer(step)
     bank = None
     if pri and joint:
         bank = LabelBank(len(dataset), len(m.scales), m.omega, kind=m.label, gamma=m.gamma, seed=t.seed)
     generator = torch.Generator().manual_seed(t.seed + rank)  # pretrain: the random scale of x_l
     state = TrainingState(unwrap(model), optimizer, bank, phase=phase)
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group, or the stage run again after a crash
         with checkpoint.as_directory() as d:
             if (Path(d) / "state.pt").exists():  # a stop before the first epoch's end leaves none
@@ -318,6 +345,10 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state.epoch + 1, epochs):
         start = time.perf_counter()
         extra = {}
+        if epoch_step(params, phase, epoch)[0] != step:  # a new step: its own optimiser, from its first epoch
+            step = epoch_step(params, phase, epoch)[0]
+            optimizer = state.optimizer = step_optimizer(step)
+        set_epoch_lr(optimizer, step_optim(params, step), epoch_step(params, phase, epoch)[1])
         try:
             if pri:
                 if bank is not None and not config["naive_labels"] and bank.should_refresh(epoch):
@@ -328,7 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
                                         precision=precision, generator=generator)
             else:
                 metrics = run_ffsr_rife_epoch(ffsr, rife, loader, optimizer,
-                                              step=ffsr_rife_step(phase, epoch, params), epoch=epoch,
+                                              step=step, epoch=epoch,
                                               loss=params.loss, device=device, precision=precision,
                                               hr_width=params.degrade.hr_width, sigma=m.ffsr.sigma)
         except NonFiniteLossError as exc:  # stop now: a retry from the checkpoint would fail the same way
@@ -338,10 +369,14 @@ def train_loop_per_worker(config: dict) -> None:
                        train_start_unix=train_start_unix,
                        epoch_seconds=time.perf_counter() - start,
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-        if validation is not None and pri:  # rank 0 only: the others wait at the next step's all-reduce
-            from components.evaluation import validate
+        if validation is not None:  # rank 0 only: the others wait at the next step's all-reduce
+            from components.evaluation import validate, validate_ffsr_rife
 
-            metrics.update(validate(unwrap(model), validation, hr_height=params.degrade.hr_height, device=device))
+            if pri:
+                metrics.update(validate(unwrap(model), validation, hr_height=params.degrade.hr_height, device=device))
+            else:
+                metrics.update(validate_ffsr_rife(unwrap(model), validation, device=device,
+                                                  hr_size=(params.degrade.hr_height, params.degrade.hr_width)))
         if bank is not None:
             metrics["label_bank_entropy"] = bank.entropy()
             # what a predictor that learned nothing scores: L_p of the uniform P, the flattest labels
@@ -438,7 +473,8 @@ def write_r_p_history(history: list[dict], path: Path) -> None:
                     w.writerow([int(metrics["epoch"]), image, value, metrics.get(f"r_opt/{image}", "")])
 
 
-CURVE_COLUMNS = ("epoch", "L", "L_id", "L_tri", "L_sr", "L_p", "val_rank1", "val_mAP", "lr_backbone", "lr_head")
+CURVE_COLUMNS = ("epoch", "L", "L_id", "L_tri", "L_sr", "L_p", "val_rank1", "val_mAP", "lr_backbone", "lr_head",
+                 "L_ffsr", "L_x", "L_r")  # the last three: FFSR + RIFE
 
 
 def write_curve(history: list[dict], path: Path) -> None:
@@ -494,7 +530,7 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
         init_state, _ = load_weights_file(init)
         inputs["init"] = _md5(init)
     sections = params.model_dump(mode="json")
-    key = {k: sections[k] for k in ("model", "loss", "train")} | {"phase": phase, "inputs": inputs}
+    key = {k: sections[k] for k in ("model", "loss", "train", "ffsr_rife")} | {"phase": phase, "inputs": inputs}
     name = f"{phase}-{tracking.params_hash(key)}"
     tags = {"stage": phase, "ray_run": name, "model": params.train.model, "variant": variant or "main"}
     run_id = tracking.start_run(phase if variant is None else f"{phase}-{variant}", sections,
@@ -510,8 +546,8 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
             "epochs": int(state["epoch"]) + 1, "mlflow_run_id": run_id, "ray_run": name, "variant": variant or ""}
     save_weights_dict(state["model"], out, meta)
     history = state["extra"].get("history", [])
-    if variant is None:  # the main model's curves: losses and validation rank-1 per epoch (evaluate draws them)
-        write_curve(history, Path(report).parent / "plots" / f"{phase}_curve.csv")
+    # losses and validation rank-1 per epoch (the main model's: evaluate draws them)
+    write_curve(history, Path(report).parent / ("plots" if variant is None else "") / f"{phase}_curve.csv")
     if phase == "joint" and params.train.model == "pri" and variant is None:  # the main model's Fig. 3
         write_r_p_history(history, Path(report).parent / "plots" / "r_p_history.csv")
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

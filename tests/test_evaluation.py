@@ -199,7 +199,8 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
                       tmp_path / "models" / "ablation" / "rife_pri" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 0
     table = json.loads((tmp_path / "reports" / "ablation.json").read_text())["rows"]
-    assert {"FFSR + RIFE", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F", "PRI's F, bicubic probes"} <= set(table)
+    assert {"FFSR + RIFE", "RIFE, bicubic probes", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F",
+            "PRI's F, bicubic probes"} <= set(table)
     for name in ("Bicubic + F", "FFSR + RIFE", "RIFE as F + PRI"):
         assert table[name]["repeats"] == 2 and 0 <= table[name]["rank1"] <= 100
     assert table["RIFE as F + PRI"]["rank1"] != table["Adaptive (PRI)"]["rank1"] or \
@@ -214,7 +215,7 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
     assert table["Bicubic + F"]["mAP"] != table["PRI's F, bicubic probes"]["mAP"]  # another F
     md = (tmp_path / "reports" / "ablation.md").read_text()
     assert md.index("| Bicubic + F |") < md.index("| FFSR + RIFE |") < md.index("| RIFE as F + PRI |")
-    assert "| Adaptive - Bicubic + F |" in md
+    assert "| Adaptive - Bicubic + F |" in md and "| RIFE as F + PRI - RIFE, bicubic probes |" in md
     # a variant file holding the wrong kind of model is named
     save_weights_dict(pri.state_dict(), tmp_path / "models" / "ablation" / "ffsr_rife" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 2
@@ -222,22 +223,32 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
 
 
 def test_ffsr_rife_rows_use_the_same_protocol(split_table):
-    """FFSR+RIFE: probes super-resolved by FFSR to the HR size, then RIFE; gallery RIFE only."""
-    from components.evaluation import embed_ffsr_rife, load_test_set, score_features
-    from components.models.ffsr import FFSR
-    from components.models.rife import RIFE
+    """FFSR + RIFE (Eq. 3): every image, probe or gallery, through FFSR at the HR size, then RIFE;
+    RIFE alone: bicubic-enlarged probes and the gallery as it is."""
+    from components.evaluation import decode_images, embed_ffsr_rife, load_test_set, score_features
+    from components.models.ffsr_rife import FFSRRIFE
 
     torch.manual_seed(0)
-    ffsr, rife = FFSR(channels=4), RIFE("resnet18", num_classes=0, feature_dim=8, weight_hidden=4, input_size=(32, 16))
+    cfg = tiny_model_params(rife={"backbone": "resnet18", "feature_dim": 8, "weight_hidden": 4}, ffsr={"channels": 4})
+    model = FFSRRIFE(cfg, 0).eval()
+    torch.nn.init.normal_(model.ffsr.conv_out.weight, std=0.05)  # FFSR is no longer bicubic: it changes x_h too
     test = load_test_set(split_table)
-    probe, gallery = embed_ffsr_rife(ffsr, rife, test, hr_size=(32, 16), batch_size=3, progress=False)
-    assert probe.shape == (test.query.num_rows, 8) and gallery.shape == (test.gallery.num_rows, 8)
-    x = _probe_images(test)[1]
+    f = embed_ffsr_rife(model, test, hr_size=(32, 16), batch_size=3, progress=False)
+    assert f["probe"].shape == f["probe_bicubic"].shape == (test.query.num_rows, 8)
+    assert f["gallery"].shape == f["gallery_plain"].shape == (test.gallery.num_rows, 8)
+    x, g = _probe_images(test)[1], decode_images(test.gallery)[0]
     with torch.no_grad():
-        expected = rife.eval()(ffsr.eval()(x[None], (32, 16)).clamp(0, 1)).feature[0]
-    assert torch.allclose(probe[1], expected, atol=1e-5)  # batch order kept across size groups
-    row = score_features(probe, gallery, test, max_rank=5)
+        torch.testing.assert_close(f["probe"][1], model.rife(model.ffsr(x[None], (32, 16))).feature[0],
+                                   atol=1e-5, rtol=1e-5)  # batch order kept across size groups
+        torch.testing.assert_close(f["gallery"][0], model.rife(model.ffsr(g[None], (32, 16))).feature[0],
+                                   atol=1e-5, rtol=1e-5)
+        up = torch.nn.functional.interpolate(x[None], size=(32, 16), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(f["probe_bicubic"][1], model.rife(up).feature[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f["gallery_plain"][0], model.rife(g[None]).feature[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(f["gallery"], f["gallery_plain"], atol=1e-4)  # the gallery did go through FFSR
+    row = score_features(f["probe"], f["gallery"], test, max_rank=5)
     assert row["repeats"] == 3 and 0 <= row["rank1"] <= row["rank5"] <= 100 and row["cmc"].shape == (5,)
+    assert set(embed_ffsr_rife(model, test, hr_size=(32, 16), progress=False, bicubic=False)) == {"probe", "gallery"}
 
 
 def test_the_gap_column_only_for_a_gap_above_noise():

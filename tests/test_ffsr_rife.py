@@ -67,6 +67,18 @@ def test_foreground_mask():
     assert foreground_mask(33, 17, sigma=0.2)[0, 0, 0, 0] < m[0, 0, 0, 0]  # smaller sigma, sharper focus
 
 
+def test_foreground_mask_is_a_2d_gaussian_over_rows_and_columns():
+    """M = g(row) g(col) with g Gaussian: its log is a sum of one parabola in the row and one in the column."""
+    h, w, sigma = 24, 10, 0.4
+    log_m = foreground_mask(h, w, sigma, dtype=torch.float64)[0, 0].log()
+    rows, cols = log_m[:, :1] - log_m[:1, :1], log_m[:1, :] - log_m[:1, :1]
+    torch.testing.assert_close(log_m - log_m[0, 0], rows + cols)  # separable: a product of a row and a column factor
+    y = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
+    x = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
+    torch.testing.assert_close(rows[:, 0], -(y**2 - y[0] ** 2) / (2 * (sigma * h) ** 2))  # rows: std sigma * H
+    torch.testing.assert_close(cols[0], -(x**2 - x[0] ** 2) / (2 * (sigma * w) ** 2))  # columns: std sigma * W
+
+
 def test_ffsr_loss_by_hand():
     sr = torch.zeros(2, 3, 2, 2)
     hr = torch.ones(2, 3, 2, 2)
@@ -143,6 +155,37 @@ def test_dsb_fusion_eq6():
     assert w_L.shape == w_H.shape == (2,)
     expected = w_L.view(2, 1, 1, 1) * block.stage_L(m) + w_H.view(2, 1, 1, 1) * block.stage_H(m)
     torch.testing.assert_close(m_t, expected)
+
+
+def test_rife_ranks_the_feature_the_identity_loss_trains(rife):
+    """Eq. 8: the classifier is an FC on f itself (no BatchNorm or other layer between), so the
+    feature evaluation ranks is the one L_X shapes."""
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in rife.modules())
+    rife.eval()
+    out = rife(torch.rand(3, 3, *SIZE))
+    torch.testing.assert_close(out.logits, rife.classifier(out.feature))
+    rife.train()
+    out = rife(torch.rand(4, 3, *SIZE))
+    f = out.feature.detach().requires_grad_(True)
+    L_x = F.cross_entropy(rife.classifier(f), torch.tensor([0, 1, 2, 3]))
+    (g,) = torch.autograd.grad(L_x, f)
+    assert g.abs().sum() > 0  # L_X's gradient arrives at f itself
+
+
+@pytest.mark.parametrize("r_grad", ["streams", "predictors"])
+def test_r_grad_decides_whether_L_r_reaches_the_streams(r_grad):
+    torch.manual_seed(0)
+    model = RIFE("resnet18", num_classes=4, input_size=SIZE, r_grad=r_grad)
+    out = model(torch.rand(2, 3, *SIZE))
+    resolution_loss(out.extras["w_L"], out.extras["w_H"], torch.tensor([0.25, 1.0])).backward()
+    assert model.blocks[3].weight_L.fc1.weight.grad.abs().sum() > 0  # the predictors learn either way
+    stream = model.blocks[0].stage_L[0].conv1.weight.grad
+    assert (stream is not None and stream.abs().sum() > 0) == (r_grad == "streams")
+    model.eval()  # the same weights and features: only the gradient's route differs
+    other = RIFE("resnet18", num_classes=4, input_size=SIZE, r_grad="streams").eval()
+    other.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, *SIZE)
+    torch.testing.assert_close(model(x).feature, other(x).feature)
 
 
 def test_resolution():

@@ -132,23 +132,35 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
 
 
 def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
-    """train.model = ffsr_rife: pretrain = FFSR step (T1 epochs) then RIFE step (T1), train = joint (T2)."""
+    """train.model = ffsr_rife: pretrain = step 1 (FFSR) then step 2 (RIFE), train = step 3 (joint), each step
+    with its own optimiser and schedule (ffsr_rife.*), validated after every epoch like PRI."""
     from components.config import FFSRParams, RIFEParams
     from components.training import load_weights_file
     from pipelines.ray_train import run_stage
+    from pipelines.tracking import client
 
     m = tiny_model_params(ffsr=FFSRParams(channels=8), rife=RIFEParams(feature_dim=16, weight_hidden=8))
-    base = tiny_params(workdir / "ray", model="ffsr_rife", pretrain_epochs=1, epochs=1).model_dump(mode="json")
-    params = validate_params({**base, "model": m.model_dump(mode="json")})
+    base = tiny_params(workdir / "ray", model="ffsr_rife").model_dump(mode="json")
+    steps = {"ffsr": {"epochs": 2, "optimizer": "sgd", "lr": 0.01, "milestones": [1]},
+             "rife": {"epochs": 1, "optimizer": "adam", "lr": 0.002},
+             "joint": {"epochs": 1, "optimizer": "sgd", "lr": 0.0005}}
+    params = validate_params({**base, "model": m.model_dump(mode="json"), "ffsr_rife": steps})
     pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
                     report=workdir / "pre.json")
     _, pre_meta = load_weights_file(workdir / "pre.pt")
-    assert pre_meta["epochs"] == 2 and pre["epoch"] == 1  # FFSR epoch 0, RIFE epoch 1
-    assert _epochs_logged(pre_meta["mlflow_run_id"], "L_ffsr") == [0]  # step 1 fits FFSR alone
-    assert _epochs_logged(pre_meta["mlflow_run_id"], "L_rife") == [1]  # step 2 fits RIFE alone
+    run = pre_meta["mlflow_run_id"]
+    assert pre_meta["epochs"] == 3 and pre["epoch"] == 2  # FFSR epochs 0-1, RIFE epoch 2
+    assert _epochs_logged(run, "L_ffsr") == [0, 1]  # step 1 fits FFSR alone
+    assert _epochs_logged(run, "L_rife") == [2]  # step 2 fits RIFE alone
+    lr = {int(x.step): x.value for x in client().get_metric_history(run, "lr_head")}
+    assert lr == pytest.approx({0: 0.01, 1: 0.001, 2: 0.002})  # step 1 decays at its milestone; step 2 its own rate
+    assert _epochs_logged(run, "val_rank1") == [0, 1, 2]  # the validation curve of FFSR + RIFE
+    curve = (workdir / "plots" / "pretrain_curve.csv").read_text().splitlines()
+    assert len(curve) == 4 and all(row.split(",")[6] for row in curve[1:])  # val_rank1 in every epoch's row
     joint = run_stage(params, phase="joint", split_dir=split_dir, out=workdir / "model.pt",
                       report=workdir / "train.json", init=workdir / "pre.pt")
     assert {"L_ffsr", "L_rife", "L_x", "L_r"} <= set(joint)  # step 3: Eq. 4, both parts
+    assert joint["lr_head"] == pytest.approx(0.0005)
     state, meta = load_weights_file(workdir / "model.pt")
     assert meta["model"] == "ffsr_rife" and meta["epochs"] == 1
     assert any(k.startswith("ffsr.") for k in state) and any(k.startswith("rife.") for k in state)

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from components import training as T
 from components.config import DegradeParams, LossParams, TrainParams
-from components.data.dataset import make_train_loader
+from components.data.dataset import make_train_loader, ungroup
 from components.data.protocols import degrade
 from components.data.splits import split_identities
-from components.models.ffsr import FFSR
+from components.models.ffsr import FFSR, ffsr_loss, foreground_mask
 from components.models.pri import build_pri
 from components.models.rife import RIFE
 from components.soft_label import LabelBank
@@ -225,6 +226,48 @@ def test_ffsr_rife_steps(split, step):
         assert out["L"] == pytest.approx(out["L_ffsr"] + LOSS.alpha_rife * out["L_rife"], rel=1e-5)
     rife_moved = any(not torch.equal(a, b) for a, b in zip(rife_before, model["rife"].parameters()))
     assert rife_moved == (step != "ffsr")  # step 1 trains FFSR only
+
+
+def test_ffsr_loss_compares_each_sr_image_with_its_own_hr(split):
+    """Eq. 5: FFSR(x_h) and FFSR(x_sl) against x_h, their own HR image; x_l (another image of the
+    person, from another camera) has no HR version here and is never compared with x_h."""
+    torch.manual_seed(0)
+    rife = RIFE("resnet18", 8, feature_dim=16, input_size=(32, 16))
+    # r_sl = 1 only: x_sl = x_h, which an untrained FFSR (bicubic at the same size: the identity) restores exactly
+    loader = make_train_loader(split.table, split.pairs, scales=[1], P=4, K=2, flip_p=0.5, seed=0)
+    ffsr = FFSR(channels=8)
+    out = T.run_ffsr_rife_epoch(ffsr, rife, loader, torch.optim.SGD(ffsr.parameters(), lr=0.0), step="ffsr",
+                                epoch=0, loss=LOSS, device=CPU, precision="fp32", hr_width=16, sigma=0.5)
+    assert out["L_ffsr"] == 0.0
+    # any FFSR: the epoch's loss is the mean over batches of Eq. 5 on [FFSR(x_h) | FFSR(x_sl)] vs [x_h | x_h]
+    loader = _loader(split)
+    nn.init.normal_(ffsr.conv_out.weight, std=0.05)
+    out = T.run_ffsr_rife_epoch(ffsr, rife, loader, torch.optim.SGD(ffsr.parameters(), lr=0.0), step="ffsr",
+                                epoch=0, loss=LOSS, device=CPU, precision="fp32", hr_width=16, sigma=0.5)
+    mask, own, total = foreground_mask(32, 16, 0.5), [], 0
+    with torch.no_grad():
+        for batch in loader:  # the same epoch's batches
+            B = len(batch)
+            x_sl = ungroup(batch.x_sl, [F.interpolate(g.images, size=(32, 16), mode="bicubic", align_corners=False)
+                                        for g in batch.x_sl], B)
+            sr = ffsr(torch.cat([batch.x_h, x_sl]), (32, 16))
+            own.append(ffsr_loss(sr, torch.cat([batch.x_h, batch.x_h]), mask).item() * B)
+            total += B
+    assert out["L_ffsr"] == pytest.approx(sum(own) / total, rel=1e-5)
+
+
+def test_ffsr_rife_step_2_keeps_ffsr_fixed(split):
+    """Step 2 trains RIFE on FFSR's outputs (Eq. 3) without changing FFSR."""
+    loader = _loader(split)
+    torch.manual_seed(0)
+    ffsr, rife = FFSR(channels=8), RIFE("resnet18", loader.dataset.num_classes, feature_dim=16, input_size=(32, 16))
+    nn.init.normal_(ffsr.conv_out.weight, std=0.05)
+    before = {k: v.clone() for k, v in ffsr.state_dict().items()}
+    opt = torch.optim.SGD(list(ffsr.parameters()) + list(rife.parameters()), lr=0.1, momentum=0.9)
+    T.run_ffsr_rife_epoch(ffsr, rife, loader, opt, step="rife", epoch=0, loss=LOSS, device=CPU, precision="fp32",
+                          hr_width=16, sigma=0.5)
+    assert all(torch.equal(v, ffsr.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in ffsr.parameters())
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -5,8 +5,9 @@ into an L stream (for low-resolution inputs) and an H stream (high resolution),
 and the two maps are fused with weights predicted from the maps themselves,
 m_t = w_L m_L + w_H m_H (Eq. 6). The weights are supervised by the resolution r
 of the input (Eq. 7), so w_L -> 1 - r and w_H -> r. GAP + FC give the feature f
-(256-d in the paper); BN + FC give the identity logits for the cross entropy L_X
-(Eq. 8). RIFE returns the same ReIDOutput as PRI's F, so it can replace F.
+(256-d in the paper) and an FC on f the identity logits of the cross entropy L_X
+(Eq. 8): no layer between f and the classifier, so the feature that is ranked is the
+one L_X trains. RIFE returns the same ReIDOutput as PRI's F, so it can replace F.
 """
 
 from __future__ import annotations
@@ -31,30 +32,44 @@ class WeightPredictor(nn.Module):
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, 1)
 
-    def forward(self, m: Tensor) -> Tensor:
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(m.mean(dim=(2, 3)))))).squeeze(1)
+    def forward(self, pooled: Tensor) -> Tensor:
+        """pooled: GAP(m) [B, C] -> w [B]."""
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(pooled)))).squeeze(1)
 
 
 class DualStreamBlock(nn.Module):
-    """One ResNet stage as two streams DSB^L, DSB^H (the H stream a deep copy of the stage)."""
+    """One ResNet stage as two streams DSB^L, DSB^H (the H stream a deep copy of the stage).
 
-    def __init__(self, stage: nn.Module, channels: int, weight_hidden: int = 64):
+    r_grad: where the gradient of L^R (Eq. 7) goes, which the paper leaves open.
+    "streams": the weights L^R sees are the fused ones, so L^R also trains the streams
+    through GAP(m_L), GAP(m_H). "predictors": L^R sees weights predicted from the detached
+    pooled maps (the same values), so it trains only the predictors' FCs; L_X reaches
+    the streams through the fusion either way.
+    """
+
+    def __init__(self, stage: nn.Module, channels: int, weight_hidden: int = 64, r_grad: str = "streams"):
         super().__init__()
+        if r_grad not in ("streams", "predictors"):
+            raise ValueError(f"r_grad {r_grad!r}: use streams or predictors")
         self.stage_L = stage
         self.stage_H = copy.deepcopy(stage)  # same start (e.g. ImageNet), own parameters
         self.weight_L = WeightPredictor(channels, weight_hidden)
         self.weight_H = WeightPredictor(channels, weight_hidden)
+        self.r_grad = r_grad
 
     def forward(self, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """m -> (m_t, w_L [B], w_H [B])."""
+        """m -> (m_t, w_L [B], w_H [B]); w_L, w_H are the weights L^R is computed on."""
         m_L, m_H = self.stage_L(m), self.stage_H(m)
-        w_L, w_H = self.weight_L(m_L), self.weight_H(m_H)
+        p_L, p_H = m_L.mean(dim=(2, 3)), m_H.mean(dim=(2, 3))  # GAP
+        w_L, w_H = self.weight_L(p_L), self.weight_H(p_H)
         m_t = w_L[:, None, None, None] * m_L + w_H[:, None, None, None] * m_H  # Eq. 6
+        if self.r_grad == "predictors" and self.training:
+            w_L, w_H = self.weight_L(p_L.detach()), self.weight_H(p_H.detach())
         return m_t, w_L, w_H
 
 
 class RIFE(nn.Module):
-    """Shared stem -> 4 DSBs -> GAP -> FC (feature f) -> BN -> FC (identity logits).
+    """Shared stem -> 4 DSBs -> GAP -> FC (feature f) -> FC (identity logits).
 
     Input: float images in [0, 1], [B, 3, H, W] of any size; they are resized to
     input_size (bilinear, antialiased when shrinking, as F does) and
@@ -73,15 +88,15 @@ class RIFE(nn.Module):
         weights=None,
         last_stride: int = 1,
         width: int = 64,
+        r_grad: str = "streams",
     ):
         super().__init__()
         self.prep = ImageInput(input_size)
         stem, stages, channels = resnet_stages(backbone, weights=weights, last_stride=last_stride, width=width)
         self.stem = stem  # shared by both streams
-        self.blocks = nn.ModuleList(DualStreamBlock(s, c, weight_hidden) for s, c in zip(stages, channels))
+        self.blocks = nn.ModuleList(DualStreamBlock(s, c, weight_hidden, r_grad) for s, c in zip(stages, channels))
         self.fc = nn.Linear(channels[-1], feature_dim)  # f
-        self.bn = nn.BatchNorm1d(feature_dim)
-        self.classifier = nn.Linear(feature_dim, num_classes, bias=False) if num_classes > 0 else None
+        self.classifier = nn.Linear(feature_dim, num_classes) if num_classes > 0 else None
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
 
@@ -97,11 +112,11 @@ class RIFE(nn.Module):
             w_L.append(wl)
             w_H.append(wh)
         f = self.fc(m.mean(dim=(2, 3)))  # GAP + FC: the feature f
-        logits = self.classifier(self.bn(f)) if self.classifier is not None else None
+        logits = self.classifier(f) if self.classifier is not None else None  # Eq. 8: FC(f_i)
         return ReIDOutput(feature=f, logits=logits, extras={"w_L": torch.stack(w_L, 1), "w_H": torch.stack(w_H, 1)})
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """The added layers (weight predictors, FC, BN, classifier), as opposed to the ResNet streams."""
+        """The added layers (weight predictors, FC, classifier), as opposed to the ResNet streams."""
         backbone = (".stem.", ".stage_L.", ".stage_H.")
         return [p for n, p in self.named_parameters() if not any(b in "." + n for b in backbone)]
 
@@ -158,4 +173,5 @@ def build_rife(cfg: ModelParams, num_classes: int) -> RIFE:
         weights=cfg.backbone_weights,
         last_stride=cfg.last_stride,
         width=cfg.width,
+        r_grad=cfg.rife.r_grad,
     )
