@@ -5,7 +5,9 @@ In one process (no Ray, 2 torch threads), on the split's training identities min
 identities): the FFSR paper's three steps (Sec. 5.2) with the epochs, optimisers and
 schedules of params' ``ffsr_rife`` section, and after every epoch the validation
 rank-1 of FFSR + RIFE (every image through FFSR then RIFE, Eq. 3) and of its RIFE
-alone on bicubic probes. One JSON line per epoch: step, losses, samples/s, rates, rows.
+alone on bicubic probes, and the masked MSE (Eq. 5) of FFSR's and of bicubic's
+enlargement of the validation probes against their HR originals. One JSON line per
+epoch: step, losses, samples/s, rates, rows, SR errors.
 
 ``--set key=value`` overrides params.yaml (YAML values), e.g.
 ``--set model.rife.r_grad=predictors`` or ``--set ffsr_rife.rife.epochs=8``.
@@ -15,20 +17,35 @@ alone on bicubic probes. One JSON line per epoch: step, losses, samples/s, rates
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+import torch.nn.functional as F
 
-from bench.bench_learning import read_params
+from bench.bench_learning import data_arguments, read_params
 from components.data import table as T
 from components.data.dataset import make_train_loader
 from components.data.splits import training_rows
-from components.evaluation import embed_ffsr_rife, load_test_set, score_features
+from components.evaluation import decode_images, embed_ffsr_rife, hr_probe_images, load_test_set, score_features
+from components.models.ffsr import ffsr_loss, foreground_mask
 from components.models.ffsr_rife import FFSRRIFE
 from components.optim import make_optimizer, set_epoch_lr, step_spec
 from components.rows import FFSR_RIFE, RIFE_BICUBIC
 from components.training import FFSR_RIFE_STEPS, run_ffsr_rife_epoch
+
+
+@torch.no_grad()
+def sr_errors(model, test, hr_probes, hr_size, sigma) -> dict[str, float]:
+    """Eq. 5 of FFSR(x_l) and of bicubic(x_l) against the probes' HR originals (no model trains on these)."""
+    model.eval()
+    mask = foreground_mask(*hr_size, sigma)
+    lr = decode_images(test.query)
+    err = {"FFSR": 0.0, "bicubic": 0.0}
+    for x, hr in zip(lr, hr_probes):
+        up = F.interpolate(x[None], size=hr_size, mode="bicubic", align_corners=False)
+        err["FFSR"] += ffsr_loss(model.ffsr(x[None], hr_size), hr[None], mask).item() / len(lr)
+        err["bicubic"] += ffsr_loss(up, hr[None], mask).item() / len(lr)
+    return {k: round(v, 6) for k, v in err.items()}
 
 
 def rows(model, test, hr_size) -> dict[str, float]:
@@ -38,10 +55,7 @@ def rows(model, test, hr_size) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--split", default="data/split")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap = data_arguments(__doc__)
     ap.add_argument("--out", default=None, help="also write the records here (JSON list)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -51,6 +65,8 @@ def main() -> None:
     pairs = T.read_table(f"{args.split}/pairs.parquet", T.PAIRS_SCHEMA)
     train, pairs, validation = training_rows(split, pairs, n_val=params.split.val_identities, seed=params.split.seed)
     test = load_test_set(validation, 1, source="the validation hold-out")
+    hr_size = (d.hr_height, d.hr_width)
+    hr_probes = hr_probe_images(test, T.read_table(args.canonical, T.CANONICAL_SCHEMA), hr_size)
     torch.manual_seed(t.seed)
     loader = make_train_loader(train, pairs, scales=m.scales, P=params.batch_identities()[0],
                                K=t.images_per_identity, flip_p=t.flip_p, seed=t.seed)
@@ -68,7 +84,8 @@ def main() -> None:
                                           hr_width=d.hr_width, sigma=m.ffsr.sigma)
             keep = ("L", "L_ffsr", "L_x", "L_r", "samples_per_s", "seconds", "lr_head")
             rec = {"step": step, "epoch": epoch, **{k_: round(float(metrics[k_]), 5) for k_ in keep if k_ in metrics},
-                   "rank1": rows(model, test, (d.hr_height, d.hr_width))}
+                   "rank1": rows(model, test, hr_size), "sr_mse": sr_errors(model, test, hr_probes, hr_size,
+                                                                             m.ffsr.sigma)}
             print(json.dumps(rec), flush=True)
             records.append(rec)
             epoch += 1

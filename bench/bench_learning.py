@@ -58,12 +58,18 @@ def epoch_record(model, test, params, phase: str, epoch: int, metrics: dict, hr_
     return rec
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def data_arguments(doc: str) -> argparse.ArgumentParser:
+    """The learning benches' common arguments: params, --set overrides, split, canonical table."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--split", default="data/split")
     ap.add_argument("--canonical", default="data/canonical.parquet", help="the probes' HR originals")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    return ap
+
+
+def main() -> None:
+    ap = data_arguments(__doc__)
     ap.add_argument("--pre", type=int, default=4, help="pretraining epochs")
     ap.add_argument("--joint", type=int, default=4, help="joint epochs")
     ap.add_argument("--cache", default=None, help="pretrained weights: written, or read when present")

@@ -146,8 +146,9 @@ class RIFEParams(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # paper: resnet50
     feature_dim: int = Field(256, ge=1)  # the final feature f
     weight_hidden: int = Field(64, ge=1)  # FC -> ReLU -> FC -> sigmoid predicting w^L, w^H
-    r_grad: Literal["streams", "predictors"] = "streams"  # where L^R's gradient goes (the paper is silent):
-    #   streams: through the predictors into the DSB streams; predictors: the predictors' FCs only
+    feature_bn: bool = True  # f = BN(FC(GAP)): needed from scratch (paper: none, ImageNet-pretrained ResNet-50)
+    r_grad: Literal["streams", "predictors"] = "predictors"  # where L^R's gradient goes (the paper is silent):
+    #   predictors: the predictors' FCs only (+6-8 validation rank-1, BENCHMARKS.md); streams: also the DSB streams
 
 
 class ModelParams(_Section):
@@ -231,10 +232,10 @@ class StepParams(_Section):
     """One training step of FFSR + RIFE: its length, optimiser and step-decay schedule (FFSR paper Sec. 5.2)."""
 
     epochs: int = Field(4, ge=1)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(0.001, gt=0)  # every parameter of the step (the paper has one rate)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "sgd"  # the paper's
+    lr: float = Field(0.01, gt=0)  # every parameter of the step (the paper has one rate)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only (paper: not stated; torchreid's)
+    weight_decay: float = Field(0.0005, ge=0)  # (paper: not stated; torchreid's)
     milestones: list[int] = []  # epochs of the step (counted from 0) at which lr is multiplied by lr_decay
     lr_decay: float = Field(0.1, gt=0, le=1)
 
@@ -255,9 +256,9 @@ class FFSRRIFETrainParams(_Section):
     """
 
     identities_per_batch: int | None = Field(None, ge=2)  # P of the P x K sampler; null: train.identities_per_batch
-    ffsr: StepParams = StepParams()
-    rife: StepParams = StepParams()
-    joint: StepParams = StepParams(lr=0.0001)
+    ffsr: StepParams = StepParams(epochs=2)
+    rife: StepParams = StepParams(epochs=12)
+    joint: StepParams = StepParams(lr=0.001)
 
 
 class EvaluateParams(_Section):

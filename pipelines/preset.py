@@ -4,8 +4,10 @@
     dvc exp run $(lrreid preset paper --set-args)    # run the pipeline with them
 
 The preset is validated together with params.yaml before anything is printed.
-Presets: paper (the papers' settings: resnet50, 384x128, RDN 16/8/64/64,
-T1/T2 = 20/60, batch 16 = 4 x 4, learning rates 0.01 / 0.1, GPUs).
+Presets: paper (both papers' settings, GPUs: PRI with resnet50, 384x128, RDN
+16/8/64/64, T1/T2 = 20/60, batch 16 = 4 x 4, Adam 0.01 / 0.1; FFSR + RIFE with
+RIFE-50, FFSR at 32 channels, SGD 0.01 / 0.01 / 0.001 over three steps of 60
+epochs, /10 after 30, batch 32).
 """
 
 from __future__ import annotations

@@ -157,10 +157,13 @@ def test_dsb_fusion_eq6():
     torch.testing.assert_close(m_t, expected)
 
 
-def test_rife_ranks_the_feature_the_identity_loss_trains(rife):
+@pytest.mark.parametrize("feature_bn", [False, True])
+def test_rife_ranks_the_feature_the_identity_loss_trains(feature_bn):
     """Eq. 8: the classifier is an FC on f itself (no BatchNorm or other layer between), so the
-    feature evaluation ranks is the one L_X shapes."""
-    assert not any(isinstance(m, nn.BatchNorm1d) for m in rife.modules())
+    feature evaluation ranks is the one L_X shapes; feature_bn makes a BN the last layer of f."""
+    torch.manual_seed(0)
+    rife = RIFE("resnet18", num_classes=5, input_size=SIZE, feature_bn=feature_bn)
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in rife.modules()) == int(feature_bn)
     rife.eval()
     out = rife(torch.rand(3, 3, *SIZE))
     torch.testing.assert_close(out.logits, rife.classifier(out.feature))

@@ -71,6 +71,12 @@ class DualStreamBlock(nn.Module):
 class RIFE(nn.Module):
     """Shared stem -> 4 DSBs -> GAP -> FC (feature f) -> FC (identity logits).
 
+    feature_bn: f = BN(FC(GAP(m))), a BatchNorm as the last layer of the feature itself
+    (not between f and the classifier: the ranked feature stays the one L_X trains).
+    The paper has none (its ResNet-50 starts from ImageNet); a network trained from
+    scratch with L_X alone does not leave chance in the default's epochs without it
+    (BENCHMARKS.md, "FFSR + RIFE as the paper trains it").
+
     Input: float images in [0, 1], [B, 3, H, W] of any size; they are resized to
     input_size (bilinear, antialiased when shrinking, as F does) and
     ImageNet-normalised here. Output: ReIDOutput with
@@ -89,13 +95,15 @@ class RIFE(nn.Module):
         last_stride: int = 1,
         width: int = 64,
         r_grad: str = "streams",
+        feature_bn: bool = False,
     ):
         super().__init__()
         self.prep = ImageInput(input_size)
         stem, stages, channels = resnet_stages(backbone, weights=weights, last_stride=last_stride, width=width)
         self.stem = stem  # shared by both streams
         self.blocks = nn.ModuleList(DualStreamBlock(s, c, weight_hidden, r_grad) for s, c in zip(stages, channels))
-        self.fc = nn.Linear(channels[-1], feature_dim)  # f
+        self.fc = nn.Linear(channels[-1], feature_dim)  # f = FC(GAP(m))
+        self.feature_bn = nn.BatchNorm1d(feature_dim) if feature_bn else None  # f = BN(FC(GAP(m))): see the class doc
         self.classifier = nn.Linear(feature_dim, num_classes) if num_classes > 0 else None
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
@@ -112,6 +120,8 @@ class RIFE(nn.Module):
             w_L.append(wl)
             w_H.append(wh)
         f = self.fc(m.mean(dim=(2, 3)))  # GAP + FC: the feature f
+        if self.feature_bn is not None:
+            f = self.feature_bn(f)
         logits = self.classifier(f) if self.classifier is not None else None  # Eq. 8: FC(f_i)
         return ReIDOutput(feature=f, logits=logits, extras={"w_L": torch.stack(w_L, 1), "w_H": torch.stack(w_H, 1)})
 
@@ -174,4 +184,5 @@ def build_rife(cfg: ModelParams, num_classes: int) -> RIFE:
         last_stride=cfg.last_stride,
         width=cfg.width,
         r_grad=cfg.rife.r_grad,
+        feature_bn=cfg.rife.feature_bn,
     )
