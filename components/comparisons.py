@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from components.rows import (ADAPTIVE, BICUBIC, BICUBIC_PROBES, HR_PROBES, IDEAL, NOISE_ORACLE, RIFE_BICUBIC, RIFE_PRI,
-                            SIZE_BASED)
+                            RIFE_PRI_BICUBIC, SIZE_BASED)
 from components.stats import PairedDiff, bootstrap_means, group_sums, oracle_baselines, paired_bootstrap, record_diffs
 
 PER_PROBE_SCHEMA = pa.schema([
@@ -136,11 +136,12 @@ def claims(rows: list[str]) -> list[tuple[str, str | list[str], str]]:
         out.append(("Ideal - Noise oracle", IDEAL, NOISE_ORACLE))
     if HR_PROBES in rows and BICUBIC_PROBES in rows:  # what full resolution is worth to PRI's F
         out.append((f"{HR_PROBES} - {BICUBIC_PROBES}", HR_PROBES, BICUBIC_PROBES))
-    known = set(fixed) | {ADAPTIVE, SIZE_BASED, IDEAL, NOISE_ORACLE, BICUBIC, BICUBIC_PROBES, HR_PROBES}
+    known = set(fixed) | {ADAPTIVE, SIZE_BASED, IDEAL, NOISE_ORACLE, BICUBIC, BICUBIC_PROBES, HR_PROBES, RIFE_PRI_BICUBIC}
     if BICUBIC in rows:  # the other models against the baseline model
         out += [(f"{v} - {BICUBIC}", v, BICUBIC) for v in rows if v not in known]
-    if RIFE_PRI in rows and RIFE_BICUBIC in rows:  # what PRI's recovery adds to a RIFE
-        out.append((f"{RIFE_PRI} - {RIFE_BICUBIC}", RIFE_PRI, RIFE_BICUBIC))
+    for alone in (RIFE_PRI_BICUBIC, RIFE_BICUBIC):  # what PRI's recovery adds to its own RIFE, to FFSR + RIFE's
+        if RIFE_PRI in rows and alone in rows:
+            out.append((f"{RIFE_PRI} - {alone}", RIFE_PRI, alone))
     return out
 
 

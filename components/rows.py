@@ -8,3 +8,4 @@ HR_PROBES = "HR probes"  # PRI's F on the probes' HR originals: what SR works to
 FFSR_RIFE = "FFSR + RIFE"  # the FFSR paper's model (ablation variant "ffsr_rife"): every image through FFSR then RIFE
 RIFE_BICUBIC = "RIFE, bicubic probes"  # diagnostic: that model's RIFE alone, probes bicubic-enlarged, gallery as is
 RIFE_PRI = "RIFE as F + PRI"  # PRI with RIFE as its re-id module (ablation variant "rife_pri"), adaptive scale
+RIFE_PRI_BICUBIC = "RIFE as F, bicubic probes"  # diagnostic: RIFE as F + PRI's own RIFE on bicubic probes (no G)

@@ -10,14 +10,15 @@ the model (components/evaluation.py). Each ablation variant trained beside it
 (ablation.variants) adds its row under the same protocol: "Bicubic + F" (F
 trained on bicubic-enlarged LR images, no G), "FFSR + RIFE" (the FFSR paper's
 model, every image through FFSR then RIFE, Eq. 3) with "RIFE, bicubic probes" (its
-RIFE alone), and "RIFE as F + PRI" (PRI with RIFE as its re-id module, adaptive scale).
+RIFE alone), and "RIFE as F + PRI" (PRI with RIFE as its re-id module, adaptive scale)
+with "RIFE as F, bicubic probes" (the same RIFE without G).
 
 Every row is also kept probe by probe, and the claims are tested on those records
 (components/comparisons.py, components/stats.py): paired differences of rank-1 and
 mAP with 95% intervals from a bootstrap over the test identities (adaptive vs each
 fixed scale, vs the best fixed scale chosen again in every resample, vs size-based,
 vs bicubic + F; ideal vs adaptive; HR probes vs bicubic probes; each variant vs
-bicubic + F; RIFE as F + PRI vs RIFE on bicubic probes), every row per true down-sampling factor, the oracle's selection-bias
+bicubic + F; RIFE as F + PRI vs its own RIFE and FFSR + RIFE's RIFE on bicubic probes), every row per true down-sampling factor, the oracle's selection-bias
 baselines, and P's diagnostics (agreement with the oracle's best scale against
 chance, entropy, confusion matrix).
 
@@ -49,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from components.rows import (ADAPTIVE, BICUBIC, BICUBIC_PROBES, FFSR_RIFE, HR_PROBES, IDEAL, RIFE_BICUBIC, RIFE_PRI,
-                            SIZE_BASED)
+                            RIFE_PRI_BICUBIC, SIZE_BASED)
 from pipelines.common import CANONICAL, REPORTS, SPLIT_DIR, StageError, add_params_arg, params_from, variant_path
 from pipelines.train import OUT as MODEL
 
@@ -166,7 +167,7 @@ def load_trained(params, model_file: Path, variant: str | None = None):
 
 def score_variant(vparams, variant: str, model, test, device, progress: bool) -> dict[str, dict]:
     """The table rows of ablation variant ``variant`` (``model`` trained by train_variant@<variant>):
-    its own row, and for FFSR + RIFE also its RIFE alone on bicubic probes."""
+    its own row, and for FFSR + RIFE and RIFE as F + PRI also their RIFE alone on bicubic probes."""
     from components.evaluation import embed_ffsr_rife, embed_test_set, score, score_features
 
     e, d = vparams.evaluate, vparams.degrade
@@ -178,7 +179,12 @@ def score_variant(vparams, variant: str, model, test, device, progress: bool) ->
                 RIFE_BICUBIC: score_features(f["probe_bicubic"], f["gallery_plain"], test, max_rank=e.max_rank)}
     emb = embed_test_set(model, test, batch_size=e.batch_size, device=device, progress=progress)
     rows = score(model, emb, test, hr_height=d.hr_height, max_rank=e.max_rank)
-    return {VARIANT_ROWS[variant]: rows[BICUBIC_PROBES if vparams.model.sr.kind == "bicubic" else ADAPTIVE]}
+    if vparams.model.sr.kind == "bicubic":
+        return {VARIANT_ROWS[variant]: rows[BICUBIC_PROBES]}
+    out = {VARIANT_ROWS[variant]: rows[ADAPTIVE]}
+    if variant == "rife_pri":  # its RIFE without PRI's recovery: the matched baseline of the recovery
+        out[RIFE_PRI_BICUBIC] = rows[BICUBIC_PROBES]
+    return out
 
 
 def _key(name: str) -> str:

@@ -69,6 +69,11 @@ def test_the_claims_and_the_best_fixed_scale(scored):
         "Adaptive - Fixed x1", "Adaptive - Fixed x2", "Adaptive - Fixed x4", "Adaptive - best fixed",
         "Adaptive - Size-based", "Adaptive - Bicubic + F", "Adaptive - PRI's F, bicubic probes", "Ideal - Adaptive",
         "Ideal - Noise oracle", "HR probes - PRI's F, bicubic probes", "FFSR + RIFE - Bicubic + F"]
+    rife = [p[0] for p in C.claims(list(rows) + ["Bicubic + F", "FFSR + RIFE", "RIFE, bicubic probes",
+                                                 "RIFE as F + PRI", "RIFE as F, bicubic probes"])]
+    assert rife[-5:] == ["FFSR + RIFE - Bicubic + F", "RIFE, bicubic probes - Bicubic + F",
+                         "RIFE as F + PRI - Bicubic + F", "RIFE as F + PRI - RIFE as F, bicubic probes",
+                         "RIFE as F + PRI - RIFE, bicubic probes"]  # PRI's recovery against no recovery, twice
     scored_here = [p for p in pairs if p[1] in rows and (isinstance(p[2], list) or p[2] in rows)]
     res = {r["label"]: r for r in C.compare(table, scored_here, n_resamples=500)}
     best = res["Adaptive - best fixed"]["rank1"]

@@ -199,8 +199,8 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
                       tmp_path / "models" / "ablation" / "rife_pri" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 0
     table = json.loads((tmp_path / "reports" / "ablation.json").read_text())["rows"]
-    assert {"FFSR + RIFE", "RIFE, bicubic probes", "RIFE as F + PRI", "Adaptive (PRI)", "Bicubic + F",
-            "PRI's F, bicubic probes"} <= set(table)
+    assert {"FFSR + RIFE", "RIFE, bicubic probes", "RIFE as F + PRI", "RIFE as F, bicubic probes", "Adaptive (PRI)",
+            "Bicubic + F", "PRI's F, bicubic probes"} <= set(table)
     for name in ("Bicubic + F", "FFSR + RIFE", "RIFE as F + PRI"):
         assert table[name]["repeats"] == 2 and 0 <= table[name]["rank1"] <= 100
     assert table["RIFE as F + PRI"]["rank1"] != table["Adaptive (PRI)"]["rank1"] or \
@@ -216,6 +216,7 @@ def test_evaluate_stage_adds_the_variants_rows(split_table, canonical_table, pri
     md = (tmp_path / "reports" / "ablation.md").read_text()
     assert md.index("| Bicubic + F |") < md.index("| FFSR + RIFE |") < md.index("| RIFE as F + PRI |")
     assert "| Adaptive - Bicubic + F |" in md and "| RIFE as F + PRI - RIFE, bicubic probes |" in md
+    assert "| RIFE as F + PRI - RIFE as F, bicubic probes |" in md
     # a variant file holding the wrong kind of model is named
     save_weights_dict(pri.state_dict(), tmp_path / "models" / "ablation" / "ffsr_rife" / "model.pt", meta)
     assert main(["evaluate", "--no-progress"]) == 2
