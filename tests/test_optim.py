@@ -49,3 +49,23 @@ def test_paper_preset_carries_both_papers_recipes():
     ffsr = p.for_variant("ffsr_rife")
     assert ffsr.batch_identities()[0] * ffsr.train.images_per_identity == 32
     assert p.batch_identities()[0] * t.images_per_identity == 16  # PRI keeps its own batch
+
+
+def test_epochs_map_to_their_training_step():
+    """The Ray worker's plan: which step (and optimiser) an epoch of a phase belongs to, and its place in it;
+    a resumed run restores the optimiser of its checkpoint's step and starts the next step's fresh."""
+    from components.config import validate_params
+    from pipelines.ray_train import epoch_step, phase_epochs, step_optim
+
+    p = validate_params({"train": {"model": "ffsr_rife", "pretrain_epochs": 9, "epochs": 9},
+                         "ffsr_rife": {"ffsr": {"epochs": 2}, "rife": {"epochs": 3, "optimizer": "adam", "lr": 0.002},
+                                       "joint": {"epochs": 4}}})
+    assert phase_epochs(p, "pretrain") == 5 and phase_epochs(p, "joint") == 4  # train.*_epochs are PRI's
+    assert [epoch_step(p, "pretrain", e) for e in range(5)] == [("ffsr", 0), ("ffsr", 1), ("rife", 0), ("rife", 1),
+                                                                ("rife", 2)]
+    assert epoch_step(p, "joint", 3) == ("joint", 3)
+    assert step_optim(p, "rife").kind == "adam" and step_optim(p, "rife").lr_head == 0.002
+    assert step_optim(p, "joint").kind == "sgd"
+    pri = validate_params({"train": {"pretrain_epochs": 3, "epochs": 2, "lr_backbone": 0.01, "lr_decay": 0.5}})
+    assert phase_epochs(pri, "pretrain") == 3 and epoch_step(pri, "pretrain", 2) == ("pretrain", 2)
+    assert step_optim(pri, "joint").lr_backbone == 0.005
