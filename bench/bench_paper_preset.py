@@ -2,8 +2,8 @@
 
 For each paper's model, the ``paper`` preset as it is (networks, input and HR sizes,
 optimisers, learning rates, loss weights), on ``--identities`` identities of the working
-tree's canonical table (data/canonical.parquet, its images enlarged to the preset's HR
-size by the degrade stage's own code, MLR protocol), with a P x K = ``--P`` x ``--K``
+tree's canonical table (data/canonical.parquet, its images brought to the preset's HR
+size, or ``--hr``, by the degrade stage's own code, MLR protocol), with a P x K = ``--P`` x ``--K``
 batch (the presets' 16 and 32 would take hours here) for ``--epochs`` epochs of every
 training step: PRI pretraining and joint training (Adam 0.01 / 0.1, x0.1 after T1);
 FFSR + RIFE steps 1-3 (SGD 0.01 / 0.01 / 0.001, momentum 0.9). The networks start from
@@ -11,7 +11,11 @@ random weights (no ImageNet file is downloaded). One JSON line per optimiser ste
 (its loss), then one per training step: mean loss of the first and the last third of
 its steps, whether every loss was finite, seconds per step.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_paper_preset.py [--identities 6 --P 2 --K 2 --epochs 4]
+    PYTHONPATH=. .venv/bin/python bench/bench_paper_preset.py [--identities 4 --P 2 --K 2 --epochs 3 --hr 64x32]
+
+At the preset's 256x128 one PRI step of 2 x 2 items takes minutes and ~18 GB here (G, an RDN
+16 / 8 / 64 on 128x64 LR images): ``--hr 64x32`` keeps every network, input size and rate
+of the preset and only shrinks the images G and FFSR work on.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import time
 import pyarrow.compute as pc
 import torch
 
-from components.config import load_params
+import yaml
+
+from components.config import load_params, validate_params
 from components.data import table as T
 from components.data.dataset import make_train_loader
 from components.data.protocols import degrade
@@ -33,8 +39,8 @@ from components.models.ffsr_rife import FFSRRIFE
 from components.models.pri import build_pri
 from components.optim import make_optimizer, set_epoch_lr, step_spec
 from components.soft_label import LabelBank
-from components.training import (FFSR_RIFE_STEPS, build_optimizer, refresh_label_bank, run_ffsr_rife_epoch,
-                                 run_pri_epoch)
+from components.training import (FFSR_RIFE_STEPS, NonFiniteLossError, build_optimizer, refresh_label_bank,
+                                 run_ffsr_rife_epoch, run_pri_epoch)
 
 
 class StepLosses:
@@ -51,13 +57,22 @@ class StepLosses:
         print(json.dumps({"model": self.model, "step": self.step, "i": len(self.losses), "L": round(loss, 5)}),
               flush=True)
 
-    def summary(self) -> dict:
+    def summary(self, diverged: str = "") -> dict:
         n, third = len(self.losses), max(1, len(self.losses) // 3)
-        return {"model": self.model, "step": self.step, "steps": n,
-                "first_third": round(sum(self.losses[:third]) / third, 4),
-                "last_third": round(sum(self.losses[-third:]) / third, 4),
+        return {"model": self.model, "step": self.step, "steps": n, "diverged": diverged,
+                "first_third": float(f"{sum(self.losses[:third]) / third:.4g}"),
+                "last_third": float(f"{sum(self.losses[-third:]) / third:.4g}"),
                 "finite": all(math.isfinite(v) for v in self.losses),
                 "seconds_per_step": round((time.perf_counter() - self.start) / max(n, 1), 2)}
+
+
+def guarded(log: StepLosses, train) -> dict:
+    """Run ``train``; its summary, with the NaN / inf stop's message if the loss diverged."""
+    try:
+        train()
+    except NonFiniteLossError as exc:
+        return log.summary(diverged=str(exc))
+    return log.summary()
 
 
 def main() -> None:
@@ -68,9 +83,26 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=4, help="epochs of every training step")
     ap.add_argument("--models", nargs="+", default=["pri", "ffsr_rife"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on top of the preset")
+    ap.add_argument("--hr", default=None, metavar="HxW",
+                    help="HR size instead of the preset's 256x128 (G's and FFSR's cost grows with it; P, F and "
+                         "RIFE resize to the preset's 384x128 inputs either way)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     params = load_params("params.yaml", preset="paper")
+    if args.set:
+        raw = params.model_dump(mode="json")
+        for item in args.set:
+            key, value = item.split("=", 1)
+            node, *path, last = [raw, *key.split(".")]
+            for k in path:
+                node = node[k]
+            node[last] = yaml.safe_load(value)
+        params = validate_params(raw, "paper preset + --set")
+    if args.hr:
+        h, w = (int(v) for v in args.hr.split("x"))
+        params = params.model_copy(update={"degrade": params.degrade.model_copy(update={"hr_height": h,
+                                                                                         "hr_width": w})})
     canonical = T.read_table(args.canonical, T.CANONICAL_SCHEMA)
     ids = sorted(set(canonical[T.PERSON_ID].to_pylist()))[: args.identities + 1]
     canonical = canonical.filter(pc.is_in(canonical[T.PERSON_ID], value_set=__import__("pyarrow").array(ids)))
@@ -84,21 +116,24 @@ def main() -> None:
         m, t = params.model, params.train
         pri = build_pri(m, n_cls, with_predictor=False)
         opt, log = build_optimizer(pri, t, "pretrain"), StepLosses("pri", "pretrain")
-        for epoch in range(args.epochs):
+        summaries.append(guarded(log, lambda: [
             run_pri_epoch(pri, loader, opt, phase="pretrain", epoch=epoch, loss=params.loss, bank=None,
                           naive_labels=False, device="cpu", precision="fp32", progress=log,
-                          generator=torch.Generator().manual_seed(epoch))
-        summaries.append(log.summary())
-        joint = build_pri(m, n_cls, with_predictor=True)
-        joint.load_state_dict(pri.state_dict(), strict=False)
-        opt, log = build_optimizer(joint, t, "joint"), StepLosses("pri", "joint")
-        bank = LabelBank(len(loader.dataset), len(m.scales), m.omega, kind=m.label, gamma=m.gamma, seed=0)
-        for epoch in range(args.epochs):
-            if bank.should_refresh(epoch):
-                refresh_label_bank(joint, loader.dataset, bank, epoch, device="cpu", precision="fp32")
-            run_pri_epoch(joint, loader, opt, phase="joint", epoch=epoch, loss=params.loss, bank=bank,
-                          naive_labels=False, device="cpu", precision="fp32", progress=log)
-        summaries.append(log.summary())
+                          generator=torch.Generator().manual_seed(epoch)) for epoch in range(args.epochs)]))
+        if not summaries[-1]["diverged"]:
+            joint = build_pri(m, n_cls, with_predictor=True)
+            joint.load_state_dict(pri.state_dict(), strict=False)
+            opt, log = build_optimizer(joint, t, "joint"), StepLosses("pri", "joint")
+            bank = LabelBank(len(loader.dataset), len(m.scales), m.omega, kind=m.label, gamma=m.gamma, seed=0)
+
+            def joint_epochs():
+                for epoch in range(args.epochs):
+                    if bank.should_refresh(epoch):
+                        refresh_label_bank(joint, loader.dataset, bank, epoch, device="cpu", precision="fp32")
+                    run_pri_epoch(joint, loader, opt, phase="joint", epoch=epoch, loss=params.loss, bank=bank,
+                                  naive_labels=False, device="cpu", precision="fp32", progress=log)
+
+            summaries.append(guarded(log, joint_epochs))
     if "ffsr_rife" in args.models:
         p = params.for_variant("ffsr_rife")
         model = FFSRRIFE(p.model, n_cls)
@@ -106,12 +141,17 @@ def main() -> None:
             spec = step_spec(getattr(p.ffsr_rife, step))
             opt = make_optimizer(model if step == "joint" else getattr(model, step), spec)
             log = StepLosses("ffsr_rife", step)
-            for epoch in range(args.epochs):
-                set_epoch_lr(opt, spec, epoch)
-                run_ffsr_rife_epoch(model.ffsr, model.rife, loader, opt, step=step, epoch=epoch, loss=p.loss,
-                                    device="cpu", precision="fp32", hr_width=p.degrade.hr_width,
-                                    sigma=p.model.ffsr.sigma, progress=log)
-            summaries.append(log.summary())
+
+            def epochs():
+                for epoch in range(args.epochs):
+                    set_epoch_lr(opt, spec, epoch)
+                    run_ffsr_rife_epoch(model.ffsr, model.rife, loader, opt, step=step, epoch=epoch, loss=p.loss,
+                                        device="cpu", precision="fp32", hr_width=p.degrade.hr_width,
+                                        sigma=p.model.ffsr.sigma, progress=log)
+
+            summaries.append(guarded(log, epochs))
+            if summaries[-1]["diverged"]:
+                break
     for s in summaries:
         print(json.dumps({"summary": s}), flush=True)
 
