@@ -36,14 +36,18 @@ from components.training import build_optimizer, refresh_label_bank, run_pri_epo
 
 
 def read_params(path: str, overrides: list[str]):
-    raw = yaml.safe_load(open(path))
+    return override(yaml.safe_load(open(path)), overrides, f"{path} + --set")
+
+
+def override(raw: dict, overrides: list[str], source: str):
+    """Params from ``raw`` with ``key=value`` overrides (YAML values) applied, validated."""
     for item in overrides:
         key, value = item.split("=", 1)
         node, *path_, last = [raw, *key.split(".")]
         for k in path_:
             node = node[k]
         node[last] = yaml.safe_load(value)
-    return validate_params(raw, f"{path} + --set")
+    return validate_params(raw, source)
 
 
 def epoch_record(model, test, params, phase: str, epoch: int, metrics: dict, hr_probes) -> dict:

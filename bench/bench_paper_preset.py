@@ -28,9 +28,8 @@ import time
 import pyarrow.compute as pc
 import torch
 
-import yaml
-
-from components.config import load_params, validate_params
+from bench.bench_learning import override
+from components.config import load_params
 from components.data import table as T
 from components.data.dataset import make_train_loader
 from components.data.protocols import degrade
@@ -91,14 +90,7 @@ def main() -> None:
     torch.set_num_threads(2)
     params = load_params("params.yaml", preset="paper")
     if args.set:
-        raw = params.model_dump(mode="json")
-        for item in args.set:
-            key, value = item.split("=", 1)
-            node, *path, last = [raw, *key.split(".")]
-            for k in path:
-                node = node[k]
-            node[last] = yaml.safe_load(value)
-        params = validate_params(raw, "paper preset + --set")
+        params = override(params.model_dump(mode="json"), args.set, "paper preset + --set")
     if args.hr:
         h, w = (int(v) for v in args.hr.split("x"))
         params = params.model_copy(update={"degrade": params.degrade.model_copy(update={"hr_height": h,

@@ -345,10 +345,11 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state.epoch + 1, epochs):
         start = time.perf_counter()
         extra = {}
-        if epoch_step(params, phase, epoch)[0] != step:  # a new step: its own optimiser, from its first epoch
-            step = epoch_step(params, phase, epoch)[0]
+        current, epoch_in_step = epoch_step(params, phase, epoch)
+        if current != step:  # a new step: its own optimiser, from its first epoch
+            step = current
             optimizer = state.optimizer = step_optimizer(step)
-        set_epoch_lr(optimizer, step_optim(params, step), epoch_step(params, phase, epoch)[1])
+        set_epoch_lr(optimizer, step_optim(params, step), epoch_in_step)
         try:
             if pri:
                 if bank is not None and not config["naive_labels"] and bank.should_refresh(epoch):
