@@ -284,8 +284,16 @@ class RegistryParams(_Section):
 VARIANTS: dict[str, dict] = {
     "bicubic": {"model": {"sr": {"kind": "bicubic"}}},  # Bicubic + F: F trained on bicubic-enlarged x_l, no G
     "ffsr_rife": {"train": {"model": "ffsr_rife"}},  # FFSR + RIFE (the FFSR paper's model)
-    "rife_pri": {"model": {"reid": "rife"}},  # RIFE as F + PRI
+    "rife_pri": {"model": {"reid": "rife"}},  # RIFE as F + PRI (pretrains as long as RIFE alone: variant_overrides)
 }
+
+
+def variant_overrides(params: "Params", name: str) -> dict:
+    """VARIANTS[name]; RIFE as F + PRI also pretrains for ffsr_rife.rife.epochs (RIFE alone's step 2), so
+    that its RIFE learns as many epochs as the RIFE it is compared with (BENCHMARKS.md, issue 15)."""
+    if name == "rife_pri":
+        return merge(VARIANTS[name], {"train": {"pretrain_epochs": params.ffsr_rife.rife.epochs}})
+    return VARIANTS[name]
 
 
 class AblationParams(_Section):
@@ -396,7 +404,8 @@ class Params(_Section):
             return self
         if name not in VARIANTS:
             raise ParamsError(f"ablation variant {name!r} is not known; known variants: {', '.join(VARIANTS)}")
-        return validate_params(merge(self.model_dump(mode="json"), VARIANTS[name]), f"params + variant {name}")
+        return validate_params(merge(self.model_dump(mode="json"), variant_overrides(self, name)),
+                               f"params + variant {name}")
 
     @model_validator(mode="after")
     def _cross_checks(self):

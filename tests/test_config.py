@@ -138,7 +138,10 @@ def test_ablation_variants_override_only_their_keys():
     ffsr = p.for_variant("ffsr_rife")
     assert ffsr.train.model == "ffsr_rife" and ffsr.train.epochs == 3 and ffsr.model == p.model
     rife = p.for_variant("rife_pri")
-    assert rife.model.reid == "rife" and rife.model.gamma == 3 and rife.train == p.train
+    assert rife.model.reid == "rife" and rife.model.gamma == 3 and rife.train.epochs == 3
+    # RIFE as F pretrains as many epochs as RIFE alone's step 2, whatever PRI's own T1 is
+    assert rife.train.pretrain_epochs == p.ffsr_rife.rife.epochs != p.train.pretrain_epochs
+    assert rife.train.model_copy(update={"pretrain_epochs": p.train.pretrain_epochs}) == p.train
     assert p.for_variant(None) is p and p.train.model == "pri"  # the main params are not touched
     assert set(load_params("params.yaml").ablation.variants) == set(VARIANTS)  # the default trains both
     with pytest.raises(ParamsError, match="known variants: bicubic, ffsr_rife, rife_pri"):

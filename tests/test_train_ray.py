@@ -133,7 +133,8 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
 
 def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
     """train.model = ffsr_rife: pretrain = step 1 (FFSR) then step 2 (RIFE), train = step 3 (joint), each step
-    with its own optimiser and schedule (ffsr_rife.*), validated after every epoch like PRI."""
+    with its own optimiser and schedule (ffsr_rife.*), validated after every epoch like PRI. The worker is
+    killed after step 1's checkpoint: Train restarts it there, and it goes on with step 2's optimiser."""
     from components.config import FFSRParams, RIFEParams
     from components.training import load_weights_file
     from pipelines.ray_train import run_stage
@@ -141,19 +142,24 @@ def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
 
     m = tiny_model_params(ffsr=FFSRParams(channels=8), rife=RIFEParams(feature_dim=16, weight_hidden=8))
     base = tiny_params(workdir / "ray", model="ffsr_rife").model_dump(mode="json")
-    steps = {"ffsr": {"epochs": 2, "optimizer": "sgd", "lr": 0.01, "milestones": [1]},
-             "rife": {"epochs": 1, "optimizer": "adam", "lr": 0.002},
+    steps = {"ffsr": {"epochs": 1, "optimizer": "sgd", "lr": 0.01},
+             "rife": {"epochs": 2, "optimizer": "adam", "lr": 0.002, "milestones": [1]},
              "joint": {"epochs": 1, "optimizer": "sgd", "lr": 0.0005}}
     params = validate_params({**base, "model": m.model_dump(mode="json"), "ffsr_rife": steps})
+    killed = []
+    killer = _kill_a_worker_after_the_first_checkpoint(workdir / "ray", killed)
     pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
                     report=workdir / "pre.json")
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker process was found to kill"
     _, pre_meta = load_weights_file(workdir / "pre.pt")
     run = pre_meta["mlflow_run_id"]
-    assert pre_meta["epochs"] == 3 and pre["epoch"] == 2  # FFSR epochs 0-1, RIFE epoch 2
-    assert _epochs_logged(run, "L_ffsr") == [0, 1]  # step 1 fits FFSR alone
-    assert _epochs_logged(run, "L_rife") == [2]  # step 2 fits RIFE alone
+    assert pre_meta["epochs"] == 3 and pre["epoch"] == 2  # FFSR epoch 0, RIFE epochs 1-2
+    assert _epochs_logged(run) == [0, 1, 2]  # no epoch counted twice after the restart
+    assert _epochs_logged(run, "L_ffsr") == [0]  # step 1 fits FFSR alone
+    assert _epochs_logged(run, "L_rife") == [1, 2]  # step 2 fits RIFE alone
     lr = {int(x.step): x.value for x in client().get_metric_history(run, "lr_head")}
-    assert lr == pytest.approx({0: 0.01, 1: 0.001, 2: 0.002})  # step 1 decays at its milestone; step 2 its own rate
+    assert lr == pytest.approx({0: 0.01, 1: 0.002, 2: 0.0002})  # step 2: its own rate, decayed at its milestone
     assert _epochs_logged(run, "val_rank1") == [0, 1, 2]  # the validation curve of FFSR + RIFE
     curve = (workdir / "plots" / "pretrain_curve.csv").read_text().splitlines()
     assert len(curve) == 4 and all(row.split(",")[6] for row in curve[1:])  # val_rank1 in every epoch's row
