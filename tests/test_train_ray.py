@@ -84,18 +84,26 @@ def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: list) -> th
     return thread
 
 
-def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
-    """Pretraining (its worker killed after the first checkpoint: Train restarts it from there) then joint."""
+def _pretrain_killed_once(params, split_dir: Path, workdir: Path) -> dict:
+    """The pretrain stage, its Ray Train worker killed once after the first checkpoint (Train restarts it)."""
     from pipelines.ray_train import run_stage
-    from components.training import load_weights_file
 
-    params = tiny_params(workdir / "ray", pretrain_epochs=3, max_failures=1)
     killed = []
     killer = _kill_a_worker_after_the_first_checkpoint(workdir / "ray", killed)
     pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
                     report=workdir / "pre.json")
     killer.join(timeout=5)
     assert killed, "no Ray Train worker process was found to kill"
+    return pre
+
+
+def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
+    """Pretraining (its worker killed after the first checkpoint: Train restarts it from there) then joint."""
+    from pipelines.ray_train import run_stage
+    from components.training import load_weights_file
+
+    params = tiny_params(workdir / "ray", pretrain_epochs=3, max_failures=1)
+    pre = _pretrain_killed_once(params, split_dir, workdir)
     assert "L_sr" in pre and "L_p" not in pre
     _, pre_meta = load_weights_file(workdir / "pre.pt")
     assert pre_meta["epochs"] == 3
@@ -146,12 +154,7 @@ def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
              "rife": {"epochs": 2, "optimizer": "adam", "lr": 0.002, "milestones": [1]},
              "joint": {"epochs": 1, "optimizer": "sgd", "lr": 0.0005}}
     params = validate_params({**base, "model": m.model_dump(mode="json"), "ffsr_rife": steps})
-    killed = []
-    killer = _kill_a_worker_after_the_first_checkpoint(workdir / "ray", killed)
-    pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt",
-                    report=workdir / "pre.json")
-    killer.join(timeout=5)
-    assert killed, "no Ray Train worker process was found to kill"
+    pre = _pretrain_killed_once(params, split_dir, workdir)
     _, pre_meta = load_weights_file(workdir / "pre.pt")
     run = pre_meta["mlflow_run_id"]
     assert pre_meta["epochs"] == 3 and pre["epoch"] == 2  # FFSR epoch 0, RIFE epochs 1-2
