@@ -3,7 +3,7 @@
 The logged model holds two artifacts: ``weights`` (models/model.pt, read with
 ``components.training.load_weights_file``, i.e. ``torch.load(weights_only=True)``)
 and ``params`` (a JSON dump of the ``model:`` section of params.yaml). It is logged
-as MLflow "models from code" (nothing pickled; pipelines/tracking.py
+as MLflow "models from code" (nothing pickled; pipelines/registry.py
 ``log_reid_model``): its code is a three-line entry file that sets
 :class:`LRReIDModel`, plus the repository's ``components`` and ``pipelines``
 packages (``code_paths``), so ``mlflow.pyfunc.load_model("models:/lrreid-pri@champion")``

@@ -23,7 +23,7 @@ import torch
 
 from components.config import validate_params
 from components.data import table as T
-from pipelines.ray_train import start_local_ray
+from pipelines.cluster import start_local_ray
 from tests.conftest import tiny_model_params
 
 pytestmark = pytest.mark.slow
@@ -210,7 +210,7 @@ def test_stage_resumes_after_the_driver_crashed(local_ray, split_dir, tmp_path, 
 
 def test_workers_that_cannot_be_placed_fail_before_training(local_ray, tmp_path):
     from pipelines.common import StageError
-    from pipelines.ray_train import check_resources
+    from pipelines.cluster import check_resources
 
     with pytest.raises(StageError, match="train.num_workers = 3"):
         check_resources(tiny_params(tmp_path, num_workers=3))
