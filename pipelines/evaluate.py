@@ -141,8 +141,7 @@ def hr_probes_row(pri, gallery, test, params, device) -> dict:
 
 def load_trained(params, model_file: Path, variant: str | None = None):
     """The trained model in ``model_file`` built from ``params`` (a PRI, or an FFSRRIFE), and its meta."""
-    from components.models.ffsr_rife import FFSRRIFE
-    from components.models.pri import build_pri
+    from components.models import build_model
     from components.training import load_weights_file
 
     remedy = f"`dvc repro train_variant@{variant}`" if variant else "`dvc repro train`"
@@ -155,8 +154,7 @@ def load_trained(params, model_file: Path, variant: str | None = None):
         raise StageError(f"{model_file} holds a {meta.get('model')!r} model, expected {kind!r}"
                          + ("" if variant else "; the evaluate stage's main model is PRI (train.model: pri)"))
     num_classes = int(meta["num_classes"])
-    model = build_pri(params.model, num_classes, with_predictor=True) if kind == "pri" else \
-        FFSRRIFE(params.model, num_classes)
+    model = build_model(kind, params.model, num_classes)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise StageError(f"{model_file} does not fit params.yaml's model section (missing {missing[:3]}, "

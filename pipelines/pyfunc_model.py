@@ -105,7 +105,7 @@ class LRReIDModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from components.models.pri import build_pri
+        from components.models import build_model
         from components.training import load_weights_file
 
         with open(context.artifacts[PARAMS_ARTIFACT]) as f:
@@ -114,7 +114,7 @@ class LRReIDModel(mlflow.pyfunc.PythonModel):
         if "num_classes" not in meta:
             raise ValueError(f"{context.artifacts[WEIGHTS_ARTIFACT]}: its meta has no num_classes "
                              "(not written by the train stage)")
-        pri = build_pri(cfg, int(meta["num_classes"]), with_predictor=True)
+        pri = build_model("pri", cfg, int(meta["num_classes"]))
         pri.load_state_dict(state, strict=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pri = pri.to(self.device).eval()

@@ -162,8 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from components.data.dataset import make_train_loader
-    from components.models.ffsr_rife import FFSRRIFE
-    from components.models.pri import build_pri
+    from components.models import build_model
     from components.soft_label import LabelBank
     from components.precision import PrecisionError, guard_onednn
     from components.optim import make_optimizer, set_epoch_lr
@@ -185,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     dataset = loader.dataset
     joint = phase == "joint"
     pri = t.model == "pri"
-    model = build_pri(m, dataset.num_classes, with_predictor=joint) if pri else FFSRRIFE(m, dataset.num_classes)
+    model = build_model(t.model, m, dataset.num_classes, with_predictor=joint)
     if config.get("init_state") is not None:  # joint training starts from the pretrained weights
         missing, unexpected = model.load_state_dict(ray.get(config["init_state"]), strict=False)
         bad = [k for k in missing if not k.startswith("P.")] + list(unexpected)

@@ -99,7 +99,7 @@ def read_ablation(path: Path) -> str:
 
 def read_weights(path: Path, params: Params, command: str) -> dict:
     """The weights' meta; they must be a PRI with P (joint training) that fits params.model."""
-    from components.models.pri import build_pri
+    from components.models import build_model
     from components.training import load_weights_file
     from pipelines.pyfunc_model import inference_params
 
@@ -116,7 +116,7 @@ def read_weights(path: Path, params: Params, command: str) -> dict:
     if meta.get("phase") != "joint" or not isinstance(meta.get("num_classes"), int):
         raise StageError(f"{path}: not the joint-trained PRI (phase {meta.get('phase')!r}, num_classes "
                          f"{meta.get('num_classes')!r}); {fix}")
-    pri = build_pri(inference_params(params.model.model_dump(mode="json")), meta["num_classes"])
+    pri = build_model("pri", inference_params(params.model.model_dump(mode="json")), meta["num_classes"])
     try:
         pri.load_state_dict(state, strict=True)
     except RuntimeError as exc:

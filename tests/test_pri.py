@@ -145,3 +145,16 @@ def test_tiny_overfit_total_loss_falls(batch_and_classes):
         opt.step()
         history.append(loss.item())
     assert history[-1] < 0.6 * history[0], history
+
+
+def test_one_factory_builds_either_model_by_train_model():
+    from components.models import build_model
+    from components.models.ffsr_rife import FFSRRIFE
+    from components.models.pri import PRI
+
+    cfg = tiny_model_params()
+    joint, pretrain = build_model("pri", cfg, 5), build_model("pri", cfg, 5, with_predictor=False)
+    assert isinstance(joint, PRI) and joint.P is not None and pretrain.P is None
+    assert isinstance(build_model("ffsr_rife", cfg, 5), FFSRRIFE)
+    with pytest.raises(ValueError, match="'srgan': use pri or ffsr_rife"):
+        build_model("srgan", cfg, 5)
