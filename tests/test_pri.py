@@ -156,5 +156,5 @@ def test_one_factory_builds_either_model_by_train_model():
     joint, pretrain = build_model("pri", cfg, 5), build_model("pri", cfg, 5, with_predictor=False)
     assert isinstance(joint, PRI) and joint.P is not None and pretrain.P is None
     assert isinstance(build_model("ffsr_rife", cfg, 5), FFSRRIFE)
-    with pytest.raises(ValueError, match="'srgan': use pri or ffsr_rife"):
+    with pytest.raises(ValueError, match="'srgan': use one of pri, ffsr_rife"):
         build_model("srgan", cfg, 5)

@@ -25,4 +25,6 @@ def build_model(kind: str, cfg, num_classes: int, *, with_predictor: bool = True
         from components.models.ffsr_rife import FFSRRIFE
 
         return FFSRRIFE(cfg, num_classes)
-    raise ValueError(f"train.model {kind!r}: use pri or ffsr_rife")
+    from components.config import MODELS
+
+    raise ValueError(f"train.model {kind!r}: use one of {', '.join(MODELS)}")
