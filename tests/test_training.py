@@ -61,7 +61,8 @@ def test_param_groups_split_trunks_from_added_layers():
 
     rife = _pri(5, reid="rife").F  # RIFE: stem and both DSB streams are the trunk
     back = {id(p) for p in T.param_groups(rife, 1, 1)[0]["params"]}
-    assert back == {id(p) for p in rife.parameters()} - {id(p) for p in rife.head_parameters()}
+    streams = {id(p) for n, p in rife.named_parameters() if n.startswith("stem.") or ".stage_" in n}
+    assert back == streams and streams < {id(p) for p in rife.parameters()}  # predictors, FC, classifier: head
 
     both = nn.ModuleDict({"ffsr": FFSR(channels=4), "rife": rife})  # FFSR is an added layer
     head = {id(p) for p in T.param_groups(both, 1, 1)[1]["params"]}
