@@ -166,8 +166,9 @@ def train_loop_per_worker(config: dict) -> None:
     from components.soft_label import LabelBank
     from components.precision import PrecisionError, guard_onednn
     from components.optim import make_optimizer, set_epoch_lr
+    from components.models import unwrap
     from components.training import (NonFiniteLossError, TrainingState, refresh_label_bank, run_ffsr_rife_epoch,
-                                     run_pri_epoch, tracked_scales, unwrap)
+                                     run_pri_epoch, tracked_scales)
 
     capped = guard_onednn()  # before this process's first convolution
     params = Params.model_validate(config["params"])
@@ -329,7 +330,7 @@ def worker_precision(model, loader, phase: str, device, requested: str) -> str:
     own layers and one real batch's shapes (components.precision)."""
     from components.models.pri import PRI
     from components.precision import bf16_fault, checked_precision, layer_inputs
-    from components.training import unwrap
+    from components.models import unwrap
 
     net = unwrap(model)
 
