@@ -255,7 +255,7 @@ ARRAYS = ("cmc", "cmc_std", "scales", "scale", "first_rank", "ap")  # per-draw /
 
 def provenance(split_file: Path, args) -> dict:
     """What the per-probe records come from: the split and model files (md5)."""
-    from pipelines.ray_train import _md5
+    from pipelines.training_stage import _md5
 
     return {"split": _md5(split_file), "model": _md5(Path(args.model))}
 
@@ -364,9 +364,9 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     import torch
 
     from components import figures
-    from components.data.dataset import group_by_size
+    from components.data.dataset import SizeGroups
     from components.evaluation import decode_images
-    from pipelines.ray_train import read_curve
+    from pipelines.training_stage import read_curve
 
     out = [figures.cmc_chart({n: r["cmc"] / 100 for n, r in rows.items()}, FIGURES / "cmc.png",
                              title=f"CMC, mean of {next(iter(rows.values()))['repeats']} gallery draws")]
@@ -407,8 +407,8 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     recoveries, probs, chosen, gallery, matches, labels = [], [], [], [], [], []
     with torch.no_grad():
         for i, x in zip(picks, probes):
-            groups = group_by_size([x])
-            recoveries.append([pri.recover(groups, torch.tensor([k]))[0][1][0].clamp(0, 1) for k in range(len(scales))])
+            recoveries.append([pri.recover(SizeGroups.stacked(x[None]), torch.tensor([k])).cat()[0].clamp(0, 1)
+                               for k in range(len(scales))])
             probs.append(emb.probs[i].tolist() if emb.probs is not None else None)
             chosen.append(float(index[i]))
             k = scales.index(float(index[i]))

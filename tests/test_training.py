@@ -14,7 +14,7 @@ from components import optim as O
 from components import precision as Pr
 from components import training as T
 from components.config import DegradeParams, LossParams, TrainParams
-from components.data.dataset import make_train_loader, ungroup
+from components.data.dataset import make_train_loader
 from components.data.protocols import degrade
 from components.data.splits import split_identities
 from components.models import unwrap
@@ -194,13 +194,13 @@ def test_nan_stops_with_epoch_step_and_term(split):
 def test_pri_losses_with_rife_add_the_resolution_loss():
     batch, C = tiny_triplet_batch()
     pri = _pri(C, reid="rife")
-    step = pri(batch, mode="pretrain", generator=torch.Generator().manual_seed(0))
-    total, terms = T.pri_losses(step, batch, None, LOSS)
+    fwd = pri(batch, mode="pretrain", generator=torch.Generator().manual_seed(0))
+    total, terms = T.pri_losses(fwd, batch, None, LOSS)
     assert set(terms) == {"L", "L_sr", "L_id", "L_tri", "L_r"} and terms["L"] is total
     eq6 = terms["L_sr"] + LOSS.alpha * terms["L_id"] + LOSS.beta * terms["L_tri"]
     torch.testing.assert_close(total, eq6 + LOSS.beta_r * terms["L_r"])
     B = len(batch)
-    w = [torch.cat([o.extras[k] for o in (step.out_rp, step.out_sl, step.out_h)]) for k in ("w_L", "w_H")]
+    w = [torch.cat([o.extras[k] for o in (fwd.out_rp, fwd.out_sl, fwd.out_h)]) for k in ("w_L", "w_H")]
     r_l = torch.empty(B)
     for g in batch.x_l:
         r_l[g.index] = g.images.shape[-1] / batch.x_h.shape[-1]
@@ -252,8 +252,7 @@ def test_ffsr_loss_compares_each_sr_image_with_its_own_hr(split):
     with torch.no_grad():
         for batch in loader:  # the same epoch's batches
             B = len(batch)
-            x_sl = ungroup(batch.x_sl, [F.interpolate(g.images, size=(32, 16), mode="bicubic", align_corners=False)
-                                        for g in batch.x_sl], B)
+            x_sl = batch.x_sl.map(lambda x: F.interpolate(x, size=(32, 16), mode="bicubic", align_corners=False))
             sr = ffsr(torch.cat([batch.x_h, x_sl]), (32, 16))
             own.append(ffsr_loss(sr, torch.cat([batch.x_h, batch.x_h]), mask).item() * B)
             total += B
@@ -423,3 +422,53 @@ def test_tracked_scales_follow_P_and_the_label_bank(split):
         expected = pri.scales[pri.predict(ds[0]["x_l"][None]).argmax(1)].item()
     assert out[f"r_p/{images[0]}"] == expected and not pri.training
     assert T.tracked_scales(pri, ds, bank, 0, device=CPU, precision="fp32") == {}
+
+
+# ---------------------------------------------------------------------- trainers
+def test_ffsr_rife_trainer_resumes_at_the_step_boundary_with_the_next_steps_optimiser(split, tmp_path):
+    """A checkpoint after step 1's last epoch: the resumed trainer restores step 1's optimiser state,
+    then starts step 2 with its own optimiser (kind, rate), as an uninterrupted trainer does."""
+    from components.config import FFSRParams, RIFEParams, validate_params
+    from components.training.trainers import make_trainer
+
+    m = tiny_model_params(ffsr=FFSRParams(channels=4), rife=RIFEParams(feature_dim=16, weight_hidden=8))
+    steps = {"ffsr": {"epochs": 1, "optimizer": "sgd", "lr": 0.01},
+             "rife": {"epochs": 1, "optimizer": "adam", "lr": 0.002}, "joint": {"epochs": 1}}
+    params = validate_params({"model": m.model_dump(mode="json"), "train": {"model": "ffsr_rife", "seed": 0},
+                              "degrade": {"hr_height": 32, "hr_width": 16}, "ffsr_rife": steps})
+
+    def trainer():
+        torch.manual_seed(0)
+        return make_trainer(params, "pretrain", _loader(split), device=CPU, naive_labels=True)
+
+    first = trainer()
+    assert first.epochs == 2 and first.next_epoch == 0
+    metrics = first.train_epoch(0, "fp32")
+    assert "L_ffsr" in metrics and isinstance(first.state.optimizer, torch.optim.SGD)
+    first.end_epoch(0, metrics)
+    first.state.save(tmp_path / "state.pt")
+    resumed = trainer()
+    resumed.resume(tmp_path / "state.pt")
+    assert resumed.next_epoch == 1 and len(resumed.history) == 1
+    for run in (first, resumed):
+        out = run.train_epoch(1, "fp32")
+        assert "L_rife" in out and isinstance(run.state.optimizer, torch.optim.Adam)
+        assert out["lr_head"] == pytest.approx(0.002)
+    for a, b in zip(first.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the same epoch from the checkpoint as without the stop
+
+
+def test_pri_trainer_refreshes_its_bank_and_tracks_scales(split):
+    from components.config import validate_params
+    from components.training.trainers import make_trainer
+
+    params = validate_params({"model": tiny_model_params(omega=1).model_dump(mode="json"),
+                              "train": {"track_images": 2}, "degrade": {"hr_height": 32, "hr_width": 16}})
+    torch.manual_seed(0)
+    trainer = make_trainer(params, "joint", _loader(split), device=CPU)
+    assert trainer.epochs == params.train.epochs and trainer.state.bank is not None
+    metrics = trainer.train_epoch(0, "fp32")
+    assert metrics["refresh_seconds"] > 0 and "L_p" in metrics  # omega = 1: the bank is refreshed first
+    trainer.end_epoch(0, metrics)
+    assert "label_bank_entropy" in metrics and sum(k.startswith("r_p/") for k in metrics) == 2
+    assert trainer.history[-1]["L"] == metrics["L"] and trainer.state.epoch == 0

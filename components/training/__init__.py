@@ -1,21 +1,21 @@
 """The training engine: one epoch of PRI or FFSR + RIFE, label refresh, checkpoints.
 
+- ``trainers.py``: one trainer per model family, what a driver calls;
 - ``pri.py``: PRI's losses and epoch; ``labels.py``: its soft labels (per batch, the
   bank's refresh, tracked scales); ``ffsr_rife.py``: FFSR + RIFE's epoch of each step;
   ``engine.py``: what the loops share (NaN check, backward step, meter);
   ``state.py``: checkpoints and final weights.
 
 Framework-free (no Ray, MLflow or DVC); precision (autocast, the bf16 check) is
-components/precision.py. The Ray Train worker (pipelines/ray_train.py) builds the model,
-loader and optimiser and calls one function per epoch::
+components/precision.py. ``trainers.py`` holds one trainer per model family (model,
+schedule, optimiser per step, label bank, state); a driver such as the Ray Train
+worker (pipelines/ray_train.py) only loops::
 
-    optimizer = build_optimizer(model, params.train, phase)        # components/optim.py
-    for epoch in range(start, epochs):
-        if phase == "joint" and bank.should_refresh(epoch):        # every omega epochs (PRI Sec. 3.4)
-            refresh_label_bank(unwrap(model), loader.dataset, bank, epoch, device=device, precision=precision)
-        metrics = run_pri_epoch(model, loader, optimizer, phase=phase, epoch=epoch, loss=params.loss,
-                                bank=bank, naive_labels=False, device=device, precision=precision)
-        TrainingState(unwrap(model), optimizer, bank, phase, epoch).save(path)
+    trainer = make_trainer(params, phase, loader, device=device)   # components/training/trainers.py
+    for epoch in range(trainer.next_epoch, trainer.epochs):
+        metrics = trainer.train_epoch(epoch, precision)   # its step's optimiser and rates, label refresh
+        trainer.end_epoch(epoch, metrics)
+        trainer.state.save(path)                           # TrainingState: a checkpoint
 
 Where the papers' equations are:
 

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from components.data.dataset import SizeGroup
 from components.precision import resolve_precision
 
 
@@ -36,15 +35,7 @@ def _comm_device(device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def widths(groups: list[SizeGroup], B: int, device) -> Tensor:
-    """Image width of every batch position, from size groups -> float [B]."""
-    w = torch.empty(B, device=device)
-    for g in groups:
-        w[g.index] = float(g.images.shape[-1])
-    return w
-
-
-def _check_finite(terms: dict[str, Tensor], epoch: int, step: int, device: torch.device) -> dict[str, float]:
+def _check_finite(terms: dict[str, Tensor], epoch: int, batch_index: int, device: torch.device) -> dict[str, float]:
     """The terms' values as floats; NonFiniteLossError naming the first NaN / inf term
     (checked on every rank together, so all ranks stop at the same step)."""
     names = [k for k in terms if k != "L"] + ["L"]  # name a component before the total
@@ -60,7 +51,7 @@ def _check_finite(terms: dict[str, Tensor], epoch: int, step: int, device: torch
         k = int(bad.nonzero()[0])
         v = values[k]
         what = f"is {v}" if not math.isfinite(v) else "is not finite on another rank"
-        raise NonFiniteLossError(f"epoch {epoch}, step {step}: {names[k]} {what}")
+        raise NonFiniteLossError(f"epoch {epoch}, step {batch_index}: {names[k]} {what}")
     return dict(zip(names, values))
 
 

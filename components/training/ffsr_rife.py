@@ -11,15 +11,13 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from components.config import LossParams
-from components.data.dataset import ungroup
-from components.models.ffsr import ffsr_loss, foreground_mask
+from components.models.ffsr import enlarge, ffsr_loss, foreground_mask
 from components.models.reid import ReIDOutput
 from components.models.rife import rife_loss
 from components.precision import autocast
-from components.training.engine import _backward_step, _check_finite, _epoch_setup, _Meter, widths
+from components.training.engine import _backward_step, _check_finite, _epoch_setup, _Meter
 
 FFSR_RIFE_STEPS = ("ffsr", "rife", "joint")
 
@@ -57,15 +55,11 @@ def run_ffsr_rife_epoch(ffsr: nn.Module, rife: nn.Module, loader, optimizer: tor
         batch = batch.to(device, non_blocking=True)
         B, (H, W) = len(batch), batch.x_h.shape[-2:]
 
-        def up(groups):  # bicubic to the HR size, back in batch order [B, 3, H, W]
-            return ungroup(groups, [F.interpolate(g.images, size=(H, W), mode="bicubic", align_corners=False)
-                                    for g in groups], B)
-
         x = {"h": batch.x_h}  # FFSR's own bicubic step is the identity on these (already the HR size)
         if fit_ffsr:
-            x["sl"] = up(batch.x_sl)
+            x["sl"] = batch.x_sl.map(lambda x_sl: enlarge(x_sl, (H, W)))  # in batch order [B, 3, H, W]
         if use_rife:
-            x["l"] = up(batch.x_l)
+            x["l"] = batch.x_l.map(lambda x_l: enlarge(x_l, (H, W)))
         with autocast(device, precision):
             with torch.set_grad_enabled(fit_ffsr):
                 sr = dict(zip(x, ffsr(torch.cat(list(x.values())), (H, W)).split(B)))  # Eq. 3, first half
@@ -77,7 +71,7 @@ def run_ffsr_rife_epoch(ffsr: nn.Module, rife: nn.Module, loader, optimizer: tor
             own_hr = torch.cat([batch.x_h, batch.x_h]).float()  # the HR ground truth of x_h and of x_sl
             terms["L_ffsr"] = ffsr_loss(torch.cat([sr["h"], sr["sl"]]).float(), own_hr, mask)  # Eq. 5
         if use_rife:
-            r_l = (widths(batch.x_l, B, device) / float(hr_width)).clamp(max=1.0)
+            r_l = (batch.x_l.widths(device) / float(hr_width)).clamp(max=1.0)
             r = torch.cat([torch.ones(B, device=device), r_l])
             out = ReIDOutput(out.feature.float(), out.logits.float(), {k: v.float() for k, v in out.extras.items()})
             L_rife, parts = rife_loss(out, batch.label.repeat(2), r, loss.beta_r)  # Eq. 9

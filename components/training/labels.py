@@ -15,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from components.data.dataset import TripletBatch, TripletDataset, collate_triplets, group_by_size
+from components.data.dataset import SizeGroups, TripletBatch, TripletDataset, collate_triplets
 from components.models import unwrap
 from components.precision import autocast
 from components.soft_label import LabelBank
@@ -111,7 +111,7 @@ def tracked_scales(pri: nn.Module, dataset: TripletDataset, bank: LabelBank, n: 
     net.eval()
     try:
         with autocast(device, precision):
-            logits = net.predict(group_by_size([dataset[i]["x_l"].to(device) for i in index]))
+            logits = net.predict(SizeGroups.of([dataset[i]["x_l"].to(device) for i in index]))
     finally:
         net.train(was_training)
     scales = net.scales.cpu()

@@ -18,15 +18,16 @@ from components.config import LossParams
 from components.data.dataset import TripletBatch
 from components.losses import id_loss, prediction_loss, sr_loss, total_loss, triplet_loss
 from components.models import unwrap
+from components.models.pri import PRIForward
 from components.models.rife import resolution_loss
 from components.optim import PHASES
 from components.precision import autocast
 from components.soft_label import LabelBank, label_entropy
-from components.training.engine import _backward_step, _check_finite, _epoch_setup, _Meter, widths
+from components.training.engine import _backward_step, _check_finite, _epoch_setup, _Meter
 from components.training.labels import batch_labels
 
 
-def pri_losses(step, batch: TripletBatch, labels: Tensor | None, loss: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
+def pri_losses(fwd: PRIForward, batch: TripletBatch, labels: Tensor | None, loss: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """PRI's losses (fp32) for one training forward; returns (L, terms incl. "L").
 
     L_sr: Eq. 2 over the x_sl images (each group's mean weighted by its size, so every
@@ -41,23 +42,23 @@ def pri_losses(step, batch: TripletBatch, labels: Tensor | None, loss: LossParam
     (clamped to 1).
     """
     y, B = batch.label, len(batch.label)
-    n_sl = sum(len(i) for i, _ in step.sr_sl)
-    L_sr = sum(sr_loss(sr.float(), batch.x_h[i].float()) * len(i) for i, sr in step.sr_sl) / n_sl  # Eq. 2
-    outs = (step.out_rp, step.out_sl, step.out_h)
+    n_sl = fwd.sr_sl.size
+    L_sr = sum(sr_loss(g.images.float(), batch.x_h[g.index].float()) * len(g.index) for g in fwd.sr_sl) / n_sl  # Eq. 2
+    outs = (fwd.out_rp, fwd.out_sl, fwd.out_h)
     terms = {
         "L_sr": L_sr,
         "L_id": sum(id_loss(o.logits.float(), y) for o in outs) / 3,
         "L_tri": triplet_loss(torch.cat([o.feature.float() for o in outs]), y.repeat(3), loss.margin),  # Eq. 5
     }
     if labels is not None:
-        if step.p_logits is None:
-            raise ValueError("labels were given but the step has no P logits (pretrain mode?)")
-        terms["L_p"] = prediction_loss(step.p_logits.float(), labels.to(step.p_logits.device).float())  # Eq. 4
+        if fwd.p_logits is None:
+            raise ValueError("labels were given but the forward has no P logits (pretrain mode?)")
+        terms["L_p"] = prediction_loss(fwd.p_logits.float(), labels.to(fwd.p_logits.device).float())  # Eq. 4
     total = total_loss(terms, loss.alpha, loss.beta, loss.lambda_p)  # Eq. 6
-    if "w_L" in step.out_h.extras:  # F is RIFE: resolution weighting loss (FFSR paper Eq. 7)
+    if "w_L" in fwd.out_h.extras:  # F is RIFE: resolution weighting loss (FFSR paper Eq. 7)
         W = float(batch.x_h.shape[-1])
         dev = batch.x_h.device
-        r = torch.cat([widths(batch.x_l, B, dev) / W, widths(batch.x_sl, B, dev) / W,
+        r = torch.cat([batch.x_l.widths(dev) / W, batch.x_sl.widths(dev) / W,
                        torch.ones(B, device=dev)]).clamp(max=1.0)
         w_L = torch.cat([o.extras["w_L"].float() for o in outs])
         w_H = torch.cat([o.extras["w_H"].float() for o in outs])
@@ -104,11 +105,11 @@ def run_pri_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
             else:
                 labels = bank[batch.index].to(device)
         with autocast(device, precision):
-            step = model(batch, mode=phase, generator=generator)
-        total, terms = pri_losses(step, batch, labels, loss)  # fp32, outside autocast
+            fwd = model(batch, mode=phase, generator=generator)
+        total, terms = pri_losses(fwd, batch, labels, loss)  # fp32, outside autocast
         if joint:
             terms["label_entropy"] = label_entropy(labels)
-            r_counts += torch.bincount(step.r_index, minlength=len(scales))
+            r_counts += torch.bincount(fwd.r_index, minlength=len(scales))
         values = _check_finite(terms, epoch, i, device)
         _backward_step(total, optimizer, scaler)
         meter.add(values, len(batch))
