@@ -22,7 +22,7 @@ import torch
 
 from components.config import load_params
 from components.data import table as T
-from components.data.dataset import group_by_size
+from components.data.dataset import SizeGroups
 from components.evaluation import decode_images, load_test_set
 from components.models.pri import Adaptive, build_pri
 from components.training import load_weights_file
@@ -31,10 +31,10 @@ from components.training import load_weights_file
 def probes_per_second(pri, probes: list[torch.Tensor], batch: int, precision: str) -> float:
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with torch.no_grad(), ctx:
-        pri.embed_probe(group_by_size(probes[:batch]), Adaptive())  # warm-up
+        pri.embed_probe(SizeGroups.of(probes[:batch]), Adaptive())  # warm-up
         start = time.perf_counter()
         for i in range(0, len(probes), batch):
-            pri.embed_probe(group_by_size(probes[i:i + batch]), Adaptive())
+            pri.embed_probe(SizeGroups.of(probes[i:i + batch]), Adaptive())
         return len(probes) / (time.perf_counter() - start)
 
 

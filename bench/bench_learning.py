@@ -32,7 +32,8 @@ from components.evaluation import (embed_images, embed_test_set, hr_probe_images
 from components.models.pri import build_pri
 from components.rows import HR_PROBES
 from components.soft_label import LabelBank
-from components.training import build_optimizer, refresh_label_bank, run_pri_epoch, save_weights
+from components.optim import build_optimizer
+from components.training import refresh_label_bank, run_pri_epoch, save_weights
 
 
 def read_params(path: str, overrides: list[str]):

@@ -38,8 +38,9 @@ from components.models.ffsr_rife import FFSRRIFE
 from components.models.pri import build_pri
 from components.optim import make_optimizer, set_epoch_lr, step_spec
 from components.soft_label import LabelBank
-from components.training import (FFSR_RIFE_STEPS, NonFiniteLossError, build_optimizer, refresh_label_bank,
-                                 run_ffsr_rife_epoch, run_pri_epoch)
+from components.optim import build_optimizer
+from components.training import (FFSR_RIFE_STEPS, NonFiniteLossError, refresh_label_bank, run_ffsr_rife_epoch,
+                                 run_pri_epoch)
 
 
 class StepLosses:

@@ -26,7 +26,8 @@ from components.config import load_params
 from components.models.pri import build_pri
 from components.precision import bf16_fault, checked_precision, guard_onednn, layer_inputs
 from components.soft_label import LabelBank
-from components.training import build_optimizer, run_pri_epoch
+from components.optim import build_optimizer
+from components.training import run_pri_epoch
 
 CPU = torch.device("cpu")
 

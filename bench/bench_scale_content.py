@@ -25,7 +25,7 @@ import torch
 
 from components.config import load_params
 from components.data import table as T
-from components.data.dataset import group_by_size
+from components.data.dataset import SizeGroups
 from components.data.splits import training_rows
 from components.data.synthetic import identity_attributes
 from components.evaluation import decode_images
@@ -38,7 +38,7 @@ from components.training import load_weights_file
 def features(pri, q_images, g_images):
     all_scales, probs = [], []
     for i in range(0, len(q_images), 64):
-        groups = group_by_size(q_images[i:i + 64])
+        groups = SizeGroups.of(q_images[i:i + 64])
         all_scales.append(pri.embed_all_scales(groups))
         probs.append(pri.predict(groups).softmax(1))
     gallery = torch.cat([pri.embed_gallery(torch.stack(g_images[i:i + 64])) for i in range(0, len(g_images), 64)])

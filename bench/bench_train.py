@@ -39,7 +39,9 @@ from components.data import table as T
 from components.data.dataset import make_train_loader
 from components.models.pri import build_pri
 from components.soft_label import LabelBank
-from components.training import build_optimizer, refresh_label_bank, resolve_precision, run_pri_epoch
+from components.optim import build_optimizer
+from components.precision import resolve_precision
+from components.training import refresh_label_bank, run_pri_epoch
 
 
 def training_data(split_dir: Path, identities: int):

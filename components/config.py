@@ -20,7 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-LAYOUTS = ("synthetic", "market1501", "dukemtmc", "cuhk03", "msmt17", "viper", "caviar")
+LAYOUTS = ("synthetic", "market1501", "dukemtmc", "cuhk03", "msmt17", "viper", "caviar")  # data.layout
+CUHK03_VARIANTS = ("labeled", "detected")  # data.cuhk03_variant
 
 # The standard number of test identities of each dataset's LR protocol
 # (PRI Sec. 4.1, FFSR Sec. 5.1); split.test_identities = null picks these.
@@ -74,7 +75,7 @@ class SyntheticParams(_Section):
 
 class DataParams(_Section):
     layout: Literal[LAYOUTS] = "synthetic"  # type: ignore[valid-type]
-    cuhk03_variant: Literal["labeled", "detected"] = "labeled"
+    cuhk03_variant: Literal[CUHK03_VARIANTS] = "labeled"  # type: ignore[valid-type]
     synthetic: SyntheticParams = SyntheticParams()
 
 
@@ -109,7 +110,9 @@ class SplitParams(_Section):
     val_identities: int = Field(50, ge=0)  # training ids held out for validation (curves, tune); 0: none
 
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")  # model.backbone (P and F)
+RESNETS = BACKBONES[:3]  # model.rife.backbone: RIFE splits ResNet stages into two streams
+MODELS = ("pri", "ffsr_rife")  # train.model: the PRI paper's model or the FFSR paper's
 
 
 class SRParams(_Section):
@@ -143,7 +146,7 @@ class FFSRParams(_Section):
 class RIFEParams(_Section):
     """RIFE: dual-stream (L / H) ResNet stages fused by predicted weights."""
 
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # paper: resnet50
+    backbone: Literal[RESNETS] = "resnet18"  # type: ignore[valid-type]  # paper: resnet50
     feature_dim: int = Field(256, ge=1)  # the final feature f
     weight_hidden: int = Field(64, ge=1)  # FC -> ReLU -> FC -> sigmoid predicting w^L, w^H
     feature_bn: bool = True  # f = BN(FC(GAP)): needed from scratch (paper: none, ImageNet-pretrained ResNet-50)
@@ -202,7 +205,7 @@ class LossParams(_Section):
 class TrainParams(_Section):
     """Pretraining (T1 epochs) and joint training (T2 epochs) on Ray Train (PRI Sec. 3.5, 4.1)."""
 
-    model: Literal["pri", "ffsr_rife"] = "pri"  # which paper's model the drivers train
+    model: Literal[MODELS] = "pri"  # type: ignore[valid-type]  # which paper's model the drivers train
     identities_per_batch: int = Field(8, ge=2)  # P of the P x K identity sampler
     images_per_identity: int = Field(4, ge=1)  # K
     flip_p: float = Field(0.5, ge=0, le=1)  # joint horizontal flip of {x_h, x_l, x_sl}
@@ -299,7 +302,7 @@ def variant_overrides(params: "Params", name: str) -> dict:
 class AblationParams(_Section):
     """Variants trained beside the main model (dvc.yaml's pretrain_variant / train_variant) for the table."""
 
-    variants: list[Literal["bicubic", "ffsr_rife", "rife_pri"]] = ["bicubic", "ffsr_rife", "rife_pri"]  # []: none
+    variants: list[Literal[tuple(VARIANTS)]] = list(VARIANTS)  # type: ignore[valid-type]  # []: none
 
     @field_validator("variants")
     @classmethod

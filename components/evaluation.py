@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from components import images
 from components.data import table as T
-from components.data.dataset import group_by_size, to_tensor, ungroup
+from components.data.dataset import SizeGroups, to_tensor
 from components.metrics import evaluate_features
+from components.models.ffsr import enlarge
 from components.models.pri import PRI, Adaptive, SizeBased, ideal_scale, size_based_index
 from components.rows import ADAPTIVE, BICUBIC_PROBES, IDEAL, NOISE_ORACLE, SIZE_BASED
 
@@ -113,7 +114,7 @@ def embed_test_set(pri: PRI, test: TestSet, *, batch_size: int = 64, device="cpu
     bar = tqdm(total=len(q_images) + len(g_images), desc="embed test set", unit="img", disable=not progress)
     for start in range(0, len(q_images), batch_size):
         chunk = [x.to(device) for x in q_images[start:start + batch_size]]
-        groups = group_by_size(chunk)
+        groups = SizeGroups.of(chunk)
         all_scales.append(pri.embed_all_scales(groups).float().cpu())
         if pri.P is not None:
             probs.append(pri.predict(groups).float().softmax(1).cpu())
@@ -235,13 +236,10 @@ def embed_ffsr_rife(model: torch.nn.Module, test: TestSet, *, hr_size: tuple[int
                disable=not progress)
     for start in range(0, len(q_images), batch_size):
         chunk = q_images[start:start + batch_size]
-        groups = group_by_size([x.to(device) for x in chunk])
-        out["probe"].append(ungroup(groups, [model(g.images, hr_size).feature.float().cpu() for g in groups],
-                                    len(chunk)))
+        groups = SizeGroups.of([x.to(device) for x in chunk])
+        out["probe"].append(groups.map(lambda x: model(x, hr_size).feature.float().cpu()))
         if bicubic:
-            up = [torch.nn.functional.interpolate(g.images, size=tuple(hr_size), mode="bicubic", align_corners=False)
-                  for g in groups]
-            out["probe_bicubic"].append(ungroup(groups, [model.rife(x).feature.float().cpu() for x in up], len(chunk)))
+            out["probe_bicubic"].append(groups.map(lambda x: model.rife(enlarge(x, hr_size)).feature.float().cpu()))
         bar.update(len(chunk))
     for start in range(0, len(g_images), batch_size):
         chunk = torch.stack([x.to(device) for x in g_images[start:start + batch_size]])
@@ -269,7 +267,7 @@ def validate(pri: PRI, test: TestSet, *, hr_height: float, batch_size: int = 64,
     pri.eval()
     choose = Adaptive() if pri.P is not None else SizeBased(hr_height)
     q_images, g_images = decode_images(test.query), decode_images(test.gallery)
-    probes = [pri.embed_probe(group_by_size([x.to(device) for x in q_images[i:i + batch_size]]), choose)[0].float()
+    probes = [pri.embed_probe(SizeGroups.of([x.to(device) for x in q_images[i:i + batch_size]]), choose)[0].float()
               for i in range(0, len(q_images), batch_size)]
     gallery = [pri.embed_gallery(torch.stack(g_images[i:i + batch_size]).to(device)).float()
                for i in range(0, len(g_images), batch_size)]

@@ -17,7 +17,6 @@ import torch.nn as nn
 
 from components.config import StepParams, TrainParams
 from components.models import unwrap
-from components.models.rife import RIFE, DualStreamBlock
 
 PHASES = ("pretrain", "joint")
 
@@ -51,16 +50,11 @@ def step_spec(step: StepParams) -> OptimSpec:
 
 
 def _trunks(model: nn.Module):
-    """The torchvision trunks inside ``model``: every ``.backbone``, RIFE's stem and its DSB streams."""
+    """The trunks that the models inside ``model`` name (their ``trunks()``: P's and F's backbones,
+    RIFE's stem and DSB streams)."""
     for m in model.modules():
-        backbone = getattr(m, "backbone", None)
-        if isinstance(backbone, nn.Module):
-            yield backbone
-        if isinstance(m, RIFE):
-            yield m.stem
-        if isinstance(m, DualStreamBlock):
-            yield m.stage_L
-            yield m.stage_H
+        if hasattr(m, "trunks"):
+            yield from m.trunks()
 
 
 def param_groups(model: nn.Module, lr_backbone: float, lr_head: float) -> list[dict]:

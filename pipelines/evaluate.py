@@ -141,8 +141,7 @@ def hr_probes_row(pri, gallery, test, params, device) -> dict:
 
 def load_trained(params, model_file: Path, variant: str | None = None):
     """The trained model in ``model_file`` built from ``params`` (a PRI, or an FFSRRIFE), and its meta."""
-    from components.models.ffsr_rife import FFSRRIFE
-    from components.models.pri import build_pri
+    from components.models import build_model
     from components.training import load_weights_file
 
     remedy = f"`dvc repro train_variant@{variant}`" if variant else "`dvc repro train`"
@@ -155,8 +154,7 @@ def load_trained(params, model_file: Path, variant: str | None = None):
         raise StageError(f"{model_file} holds a {meta.get('model')!r} model, expected {kind!r}"
                          + ("" if variant else "; the evaluate stage's main model is PRI (train.model: pri)"))
     num_classes = int(meta["num_classes"])
-    model = build_pri(params.model, num_classes, with_predictor=True) if kind == "pri" else \
-        FFSRRIFE(params.model, num_classes)
+    model = build_model(kind, params.model, num_classes)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise StageError(f"{model_file} does not fit params.yaml's model section (missing {missing[:3]}, "
@@ -257,7 +255,7 @@ ARRAYS = ("cmc", "cmc_std", "scales", "scale", "first_rank", "ap")  # per-draw /
 
 def provenance(split_file: Path, args) -> dict:
     """What the per-probe records come from: the split and model files (md5)."""
-    from pipelines.ray_train import _md5
+    from pipelines.training_stage import _md5
 
     return {"split": _md5(split_file), "model": _md5(Path(args.model))}
 
@@ -366,9 +364,9 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     import torch
 
     from components import figures
-    from components.data.dataset import group_by_size
+    from components.data.dataset import SizeGroups
     from components.evaluation import decode_images
-    from pipelines.ray_train import read_curve
+    from pipelines.training_stage import read_curve
 
     out = [figures.cmc_chart({n: r["cmc"] / 100 for n, r in rows.items()}, FIGURES / "cmc.png",
                              title=f"CMC, mean of {next(iter(rows.values()))['repeats']} gallery draws")]
@@ -409,8 +407,8 @@ def write_figures(rows: dict[str, dict], emb, test, pri, n_probes: int) -> list[
     recoveries, probs, chosen, gallery, matches, labels = [], [], [], [], [], []
     with torch.no_grad():
         for i, x in zip(picks, probes):
-            groups = group_by_size([x])
-            recoveries.append([pri.recover(groups, torch.tensor([k]))[0][1][0].clamp(0, 1) for k in range(len(scales))])
+            recoveries.append([pri.recover(SizeGroups.stacked(x[None]), torch.tensor([k])).cat()[0].clamp(0, 1)
+                               for k in range(len(scales))])
             probs.append(emb.probs[i].tolist() if emb.probs is not None else None)
             chosen.append(float(index[i]))
             k = scales.index(float(index[i]))

@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
 
     params = params_from(args)
     run_stage(params, phase="pretrain", split_dir=Path(args.split), out=Path(args.out or variant_path(OUT, args.variant)),

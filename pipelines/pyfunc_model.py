@@ -3,7 +3,7 @@
 The logged model holds two artifacts: ``weights`` (models/model.pt, read with
 ``components.training.load_weights_file``, i.e. ``torch.load(weights_only=True)``)
 and ``params`` (a JSON dump of the ``model:`` section of params.yaml). It is logged
-as MLflow "models from code" (nothing pickled; pipelines/tracking.py
+as MLflow "models from code" (nothing pickled; pipelines/registry.py
 ``log_reid_model``): its code is a three-line entry file that sets
 :class:`LRReIDModel`, plus the repository's ``components`` and ``pipelines``
 packages (``code_paths``), so ``mlflow.pyfunc.load_model("models:/lrreid-pri@champion")``
@@ -105,7 +105,7 @@ class LRReIDModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from components.models.pri import build_pri
+        from components.models import build_model
         from components.training import load_weights_file
 
         with open(context.artifacts[PARAMS_ARTIFACT]) as f:
@@ -114,7 +114,7 @@ class LRReIDModel(mlflow.pyfunc.PythonModel):
         if "num_classes" not in meta:
             raise ValueError(f"{context.artifacts[WEIGHTS_ARTIFACT]}: its meta has no num_classes "
                              "(not written by the train stage)")
-        pri = build_pri(cfg, int(meta["num_classes"]), with_predictor=True)
+        pri = build_model("pri", cfg, int(meta["num_classes"]))
         pri.load_state_dict(state, strict=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.pri = pri.to(self.device).eval()

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     check_model_ref(model_uri)  # before MLflow is touched: it would create an empty mlflow.db
     probe = read_probe(Path(args.probe))
     gallery = read_gallery(Path(args.gallery))  # cheap checks before loading the model
-    from pipelines.tracking import load_pyfunc
+    from pipelines.registry import load_pyfunc
 
     model = load_pyfunc(model_uri)
     result = query(model, probe, gallery, top_k=args.top_k, batch_size=args.batch_size)

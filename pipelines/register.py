@@ -99,7 +99,7 @@ def read_ablation(path: Path) -> str:
 
 def read_weights(path: Path, params: Params, command: str) -> dict:
     """The weights' meta; they must be a PRI with P (joint training) that fits params.model."""
-    from components.models.pri import build_pri
+    from components.models import build_model
     from components.training import load_weights_file
     from pipelines.pyfunc_model import inference_params
 
@@ -116,7 +116,7 @@ def read_weights(path: Path, params: Params, command: str) -> dict:
     if meta.get("phase") != "joint" or not isinstance(meta.get("num_classes"), int):
         raise StageError(f"{path}: not the joint-trained PRI (phase {meta.get('phase')!r}, num_classes "
                          f"{meta.get('num_classes')!r}); {fix}")
-    pri = build_pri(inference_params(params.model.model_dump(mode="json")), meta["num_classes"])
+    pri = build_model("pri", inference_params(params.model.model_dump(mode="json")), meta["num_classes"])
     try:
         pri.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -188,7 +188,7 @@ def describe(ev: dict, ablation: str, runs: dict[str, str], tags: dict, decision
 
 # ---------------------------------------------------------------------- the stage
 def register(params: Params, *, model: Path, pretrain: Path, evaluate: Path, ablation: Path, out: Path) -> dict:
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     ev = read_evaluation(evaluate)
     ablation_md = read_ablation(ablation)
@@ -222,13 +222,13 @@ def register(params: Params, *, model: Path, pretrain: Path, evaluate: Path, abl
         tracking.log_metrics(run_id, {k: ev[k] for k in METRICS}, step=0)
         tracking.log_artifact(run_id, evaluate, "reports")
         tracking.log_artifact(run_id, ablation, "reports")
-        logged_uri = tracking.log_reid_model(run_id, model, sections["model"])
-        champion = tracking.current_alias_version(name, reg.champion_alias)
+        logged_uri = registry.log_reid_model(run_id, model, sections["model"])
+        champion = registry.current_alias_version(name, reg.champion_alias)
         promote, why = champion_decision(champion, float(ev["rank1"]), ev["dataset"], ev["protocol"])
-        version = tracking.register_version(logged_uri, name, tags, describe(ev, ablation_md, runs, tags, why))
-        tracking.set_alias(name, reg.challenger_alias, version)
+        version = registry.register_version(logged_uri, name, tags, describe(ev, ablation_md, runs, tags, why))
+        registry.set_alias(name, reg.challenger_alias, version)
         if promote:
-            tracking.set_alias(name, reg.champion_alias, version)
+            registry.set_alias(name, reg.champion_alias, version)
             log.info("%s -> version %s (%s)", reg.champion_alias, version, why)
         else:
             log.info("%s stays at version %s (%s)", reg.champion_alias, champion.version, why)

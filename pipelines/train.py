@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
 
     params = params_from(args)
     v = args.variant

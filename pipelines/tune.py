@@ -102,7 +102,7 @@ def check_concurrency(params: Params, nodes: list[dict] | None = None) -> int:
     """How many trials' worker groups the cluster holds at once; an error when not even one fits
     (`check_resources`), a warning when tune.max_concurrent_trials asks for more (Tune does not
     see a trial's workers: the extra trials would start and wait for resources)."""
-    from pipelines.ray_train import check_resources
+    from pipelines.cluster import check_resources
 
     fits = check_resources(params, nodes) // params.train.num_workers
     if params.tune.max_concurrent_trials > fits:
@@ -134,7 +134,6 @@ def run_trial(config: dict, *, base: dict, table, pairs, validation, init_state,
 
 # ---------------------------------------------------------------------- the search (driver)
 def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
-    import pyarrow.compute as pc
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -143,7 +142,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     from components.data.splits import training_rows
     from components.fsutil import write_json
     from pipelines import tracking
-    from pipelines.ray_train import connect
+    from pipelines.cluster import connect, storage_root
 
     t = params.tune
     if params.train.model != "pri":
@@ -157,7 +156,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     train_rows, train_pairs, validation = training_rows(split, pairs, n_val=params.split.val_identities,
                                                         seed=params.split.seed)
     storage_path = params.train.storage_path
-    root = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    root = storage_root(storage_path)
     path = f"{root}/{t.name}"
     if resume and not tune.Tuner.can_restore(path):
         raise StageError(f"no search to resume at {path}; start one with `lrreid tune`")
@@ -198,7 +197,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
                 run_config=tune.RunConfig(
                     name=t.name, storage_path=root, verbose=1,
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    callbacks=[tracking.make_tune_callback(parent, max_epochs(params))]),
+                    callbacks=[make_tune_callback(parent, max_epochs(params))]),
             )
         # Ctrl-C: Tune's handler saves the search's state, stops the trials and returns from fit() as if the
         # search had ended (the stopped trials look finished in memory, not in the saved state). The handler puts
@@ -234,6 +233,7 @@ def shared_pretrain(base: dict, path: str, table, pairs, validation, parent: str
     after the hold-out (epochs logged to the parent run); a resumed search reuses it."""
     from components.data import table as T
     from components.training import load_weights_file, save_weights_dict
+    from pipelines.cluster import is_uri
     from pipelines.ray_train import fit
     from pipelines.tracking import params_hash
 
@@ -242,14 +242,97 @@ def shared_pretrain(base: dict, path: str, table, pairs, validation, parent: str
                        "train_ids": sorted(set(table[T.PERSON_ID].to_pylist())), "rows": table.num_rows})
     name = f"shared-pretrain-{key}"
     cached = Path(f"{path}-train") / f"{name}.pt"
-    if "://" not in path and cached.exists():
+    if not is_uri(path) and cached.exists():
         log.info("shared pretraining: reusing %s", cached)
         return load_weights_file(cached)[0]
     state, _ = fit(validate_params(base), phase="pretrain", name=name, table=table, pairs=pairs,
                    run_id=parent, validation=validation, storage_path=f"{path}-train")
-    if "://" not in path:
+    if not is_uri(path):
         save_weights_dict(state["model"], cached, {"phase": "pretrain", "model": "pri"})
     return state["model"]
+
+
+def make_tune_callback(parent_run_id: str, max_epochs: int):
+    """A Ray Tune callback (runs in the search's driver): one MLflow child run per trial
+    under ``parent_run_id`` (tag ``mlflow.parentRunId``) with the trial's params and its
+    per-epoch metrics (step = epochs_done), tagged ``stopped_early`` / FAILED at the end.
+    A resumed search finds each trial's run again (state, or its ``trial_id`` tag) and
+    never logs an epoch twice."""
+    from ray import tune
+
+    from pipelines.tracking import logged_epochs, log_metrics, tracking_uri
+
+    uri = tracking_uri()
+
+    class MLflowTrialRuns(tune.Callback):
+        def __init__(self):
+            self.parent, self.uri, self.max_epochs = parent_run_id, uri, max_epochs
+            self.runs: dict[str, str] = {}  # trial_id -> run_id (saved with the search's state)
+            self.seen: dict[str, set[int]] = {}
+
+        def _client(self):
+            from mlflow import MlflowClient
+
+            return MlflowClient(tracking_uri=self.uri)
+
+        def _run(self, trial) -> str:
+            from mlflow.entities import Param
+            from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+            tid = trial.trial_id
+            if tid not in self.runs:
+                c = self._client()
+                exp_id = c.get_run(self.parent).info.experiment_id
+                found = c.search_runs([exp_id], filter_string=f"tags.trial_id = '{tid}' and "
+                                      f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}'")
+                if found:
+                    self.runs[tid] = found[0].info.run_id
+                else:
+                    run = c.create_run(exp_id, run_name=f"trial-{tid}", tags={
+                        MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": tid, "stage": "tune-trial"})
+                    c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(trial.config.items())])
+                    self.runs[tid] = run.info.run_id
+            return self.runs[tid]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._client().update_run(self._run(trial), status="RUNNING")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run_id = self._run(trial)
+            os.environ["MLFLOW_TRACKING_URI"] = self.uri
+            if run_id not in self.seen:
+                self.seen[run_id] = logged_epochs(run_id, "epochs_done")
+            step = int(result.get("epochs_done", -1))
+            if step in self.seen[run_id]:
+                return
+            keep = {k: v for k, v in result.items() if k in TRIAL_METRICS or k.startswith(("L", "val_"))}
+            log_metrics(run_id, keep, step=step)
+            self.seen[run_id].add(step)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            run_id = self._run(trial)
+            done = int((trial.last_result or {}).get("epochs_done", 0))
+            c = self._client()
+            c.set_tag(run_id, "epochs_done", str(done))
+            c.set_tag(run_id, "stopped_early", str(done < self.max_epochs).lower())
+            c.set_terminated(run_id, status="FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run_id = self._run(trial)
+            c = self._client()
+            c.set_tag(run_id, "error", str(getattr(trial, "error_file", "") or ""))
+            c.set_terminated(run_id, status="FAILED")
+
+        def get_state(self):
+            return {"runs": dict(self.runs)}
+
+        def set_state(self, state):
+            self.runs = dict(state.get("runs", {}))
+
+    return MLflowTrialRuns()
+
+
+TRIAL_METRICS = ("epochs_done", "epoch", "samples_per_s", "epoch_seconds", "peak_rss_mb", "label_bank_entropy")
 
 
 def summarize(grid, params: Params, path: str, seconds: float) -> dict:

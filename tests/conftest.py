@@ -122,7 +122,7 @@ def ray_node(log: Path, num_cpus: int, head: str | None = None):
     client until interpreter exit, where CI's test run once ended in a segmentation fault).
     Stopped with SIGTERM (`ray start --block` then stops its node's processes), SIGKILL if it hangs.
     """
-    from pipelines.ray_train import free_port
+    from pipelines.cluster import free_port
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     if not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ) or (Path.home() / ".ray/auth_token").exists()):

@@ -44,7 +44,7 @@ def test_two_workers_on_two_nodes_checkpoint_to_storage_and_log_once(two_nodes, 
     from ray.util.state import list_actors
 
     from components.training import load_weights_file
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
     from pipelines.tracking import client
 
     address, node_ids = two_nodes

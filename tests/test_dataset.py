@@ -12,11 +12,11 @@ from components.data import table as T
 from components.data.dataset import (
     IdentityBatchSampler,
     SizeGroup,
+    SizeGroups,
     TripletDataset,
     collate_triplets,
     make_train_loader,
     to_tensor,
-    ungroup,
 )
 from components.images import decode, downsample, encode_png
 
@@ -163,8 +163,8 @@ def test_loader_end_to_end(tables):
     for b, rb in zip(batches, ref_batches):
         assert len(b) == 6 and b.x_h.shape == (6, 3, H, W)
         assert torch.equal(b.index, rb.index) and torch.equal(b.x_h, rb.x_h)
-        x_sl = ungroup(b.x_sl, [g.images.flatten(1).sum(1) for g in b.x_sl], len(b))
-        ref_sl = ungroup(rb.x_sl, [g.images.flatten(1).sum(1) for g in rb.x_sl], len(rb))
+        x_sl = b.x_sl.map(lambda x: x.flatten(1).sum(1))
+        ref_sl = rb.x_sl.map(lambda x: x.flatten(1).sum(1))
         assert torch.equal(x_sl, ref_sl)
         for g in b.x_sl:
             assert len(set(b.r_sl[g.index].tolist())) == 1
@@ -228,7 +228,7 @@ def _sample(index, lr_side, sl_side, r_sl):
     }
 
 
-def test_collate_groups_and_ungroup():
+def test_collate_groups_and_back_to_batch_order():
     specs = [(16, 32, 1), (8, 16, 2), (16, 8, 4), (10, 16, 2), (8, 32, 1), (16, 10, 3), (10, 8, 4)]
     samples = [_sample(i, *spec) for i, spec in enumerate(specs)]
     batch = collate_triplets(samples)
@@ -243,22 +243,29 @@ def test_collate_groups_and_ungroup():
             for j, pos in enumerate(g.index.tolist()):
                 assert g.images[j].shape == samples[pos][key].shape
                 assert torch.equal(g.images[j], samples[pos][key])
-        # per-group "features" carry the tag; ungroup must restore batch order
-        outputs = [g.images[:, 0, 0, :1].repeat(1, 5) for g in groups]
-        feats = ungroup(groups, outputs, len(batch))
+        # per-group "features" carry the tag; map and in_batch_order must restore batch order
+        assert isinstance(groups, SizeGroups) and groups.size == 7
+        feats = groups.map(lambda x: x[:, 0, 0, :1].repeat(1, 5))
         assert feats.shape == (7, 5)
         assert feats[:, 0].tolist() == [float(i) for i in range(7)]
+        assert torch.equal(groups.in_batch_order(groups.cat(lambda x: x[:, 0, 0, :1].repeat(1, 5))), feats)
+        assert groups.widths().tolist() == [float(samples[i][key].shape[-1]) for i in range(7)]
 
-    # gradients flow back through ungroup
+    # gradients flow back to every group's output
     outputs = [g.images.flatten(1).mean(1, keepdim=True).requires_grad_() for g in batch.x_l]
-    ungroup(batch.x_l, outputs, len(batch)).sum().backward()
+    batch.x_l.in_batch_order(torch.cat(outputs)).sum().backward()
     assert all(o.grad is not None for o in outputs)
 
     moved = batch.to("cpu")
     assert torch.equal(moved.x_h, batch.x_h) and len(moved.x_l) == len(batch.x_l)
+    assert isinstance(moved.x_l, SizeGroups) and moved.x_l.size == 7
 
+    missing = SizeGroups(batch.x_l.groups[:-1], batch.x_l.size)  # a position in no group
     with pytest.raises(ValueError, match="cover"):
-        ungroup(batch.x_l[:-1], outputs[:-1], len(batch))
+        missing.in_batch_order(torch.zeros(sum(len(g.index) for g in missing), 1))
+    both = SizeGroups.concat([batch.x_l, SizeGroups.stacked(batch.x_h)])  # the second's positions follow
+    assert both.size == 14 and both.in_batch_order(both.cat(lambda x: x.flatten(1)[:, :1]))[7:].equal(
+        batch.x_h.flatten(1)[:, :1])
 
 
 def test_collate_rejects_mixed_hr_sizes():

@@ -55,7 +55,7 @@ def test_epochs_map_to_their_training_step():
     """The Ray worker's plan: which step (and optimiser) an epoch of a phase belongs to, and its place in it;
     a resumed run restores the optimiser of its checkpoint's step and starts the next step's fresh."""
     from components.config import validate_params
-    from pipelines.ray_train import epoch_step, phase_epochs, step_optim
+    from components.training.trainers import epoch_step, phase_epochs, step_optim
 
     p = validate_params({"train": {"model": "ffsr_rife", "pretrain_epochs": 9, "epochs": 9},
                          "ffsr_rife": {"ffsr": {"epochs": 2}, "rife": {"epochs": 3, "optimizer": "adam", "lr": 0.002},

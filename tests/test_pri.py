@@ -20,15 +20,15 @@ def _pri(num_classes, **kw):
     return build_pri(tiny_model_params(**kw), num_classes)
 
 
-def _losses(pri, batch, step, labels=None):
+def _losses(pri, batch, fwd, labels=None):
     terms = {
-        "L_sr": torch.stack([sr_loss(img, batch.x_h[i]) for i, img in step.sr_sl]).mean(),
-        "L_id": sum(id_loss(o.logits, batch.label) for o in (step.out_rp, step.out_sl, step.out_h)) / 3,
-        "L_tri": triplet_loss(torch.cat([step.out_rp.feature, step.out_sl.feature, step.out_h.feature]),
+        "L_sr": torch.stack([sr_loss(g.images, batch.x_h[g.index]) for g in fwd.sr_sl]).mean(),
+        "L_id": sum(id_loss(o.logits, batch.label) for o in (fwd.out_rp, fwd.out_sl, fwd.out_h)) / 3,
+        "L_tri": triplet_loss(torch.cat([fwd.out_rp.feature, fwd.out_sl.feature, fwd.out_h.feature]),
                               batch.label.repeat(3), margin=10.0),
     }
     if labels is not None:
-        terms["L_p"] = prediction_loss(step.p_logits, labels)
+        terms["L_p"] = prediction_loss(fwd.p_logits, labels)
     return terms
 
 
@@ -36,13 +36,13 @@ def test_training_forward_shapes(batch_and_classes):
     batch, C = batch_and_classes
     pri = _pri(C)
     B = len(batch.x_h)
-    step = pri(batch, mode="joint")
-    assert step.p_logits.shape == (B, 4)
-    assert step.r_index.shape == (B,)
-    for out in (step.out_rp, step.out_sl, step.out_h):
+    fwd = pri(batch, mode="joint")
+    assert fwd.p_logits.shape == (B, 4)
+    assert fwd.r_index.shape == (B,)
+    for out in (fwd.out_rp, fwd.out_sl, fwd.out_h):
         assert out.feature.shape == (B, 32) and out.logits.shape == (B, C)
-    for index, img in step.sr_sl:  # G(x_sl, r_sl) comes back at (about) the HR size
-        assert abs(img.shape[-2] - 32) < 4 and abs(img.shape[-1] - 16) < 4
+    for g in fwd.sr_sl:  # G(x_sl, r_sl) comes back at (about) the HR size
+        assert abs(g.images.shape[-2] - 32) < 4 and abs(g.images.shape[-1] - 16) < 4
     assert pri(batch, mode="pretrain", generator=torch.Generator().manual_seed(0)).p_logits is None
 
 
@@ -57,10 +57,10 @@ def _grad_owners(pri):
 def test_L_p_reaches_only_P_and_L_sr_reaches_G(batch_and_classes):
     batch, C = batch_and_classes
     pri = _pri(C)
-    step = pri(batch, mode="joint")
+    fwd = pri(batch, mode="joint")
     d = pri.scale_distances(batch.x_l, batch.x_h)
     labels = soft_labels(d, gamma=1.0)
-    terms = _losses(pri, batch, step, labels)
+    terms = _losses(pri, batch, fwd, labels)
     terms["L_p"].backward(retain_graph=True)
     assert _grad_owners(pri) == {"P"}
     pri.zero_grad(set_to_none=True)
@@ -79,7 +79,7 @@ def test_scale_distances_are_distances_to_the_anchor(batch_and_classes):
     # column k equals the explicit computation at scale k
     k = 2
     f_h = pri.embed_gallery(batch.x_h)
-    f_k = pri.embed(pri.recover(batch.x_l, torch.full((len(batch.x_h),), k)), len(batch.x_h)).feature
+    f_k = pri.embed(pri.recover(batch.x_l, torch.full((len(batch.x_h),), k))).feature
     torch.testing.assert_close(d[:, k], (f_k - f_h).norm(dim=1), rtol=1e-4, atol=1e-4)
 
 
@@ -117,9 +117,9 @@ def test_ideal_scale_by_hand():
 def test_rife_can_replace_F(batch_and_classes):
     batch, C = batch_and_classes
     pri = _pri(C, reid="rife")
-    step = pri(batch, mode="joint")
-    assert step.out_rp.extras["w_L"].shape == (len(batch.x_h), 4)
-    assert step.out_h.feature.shape[1] == 256
+    fwd = pri(batch, mode="joint")
+    assert fwd.out_rp.extras["w_L"].shape == (len(batch.x_h), 4)
+    assert fwd.out_h.feature.shape[1] == 256
 
 
 def test_bicubic_G_baseline(batch_and_classes):
@@ -138,10 +138,23 @@ def test_tiny_overfit_total_loss_falls(batch_and_classes):
     labels = soft_labels(pri.scale_distances(batch.x_l, batch.x_h), gamma=1.0)
     history = []
     for _ in range(25):
-        step = pri(batch, mode="joint")
-        loss = total_loss(_losses(pri, batch, step, labels), alpha=1.0, beta=0.01, lambda_p=1.0)
+        fwd = pri(batch, mode="joint")
+        loss = total_loss(_losses(pri, batch, fwd, labels), alpha=1.0, beta=0.01, lambda_p=1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(loss.item())
     assert history[-1] < 0.6 * history[0], history
+
+
+def test_one_factory_builds_either_model_by_train_model():
+    from components.models import build_model
+    from components.models.ffsr_rife import FFSRRIFE
+    from components.models.pri import PRI
+
+    cfg = tiny_model_params()
+    joint, pretrain = build_model("pri", cfg, 5), build_model("pri", cfg, 5, with_predictor=False)
+    assert isinstance(joint, PRI) and joint.P is not None and pretrain.P is None
+    assert isinstance(build_model("ffsr_rife", cfg, 5), FFSRRIFE)
+    with pytest.raises(ValueError, match="'srgan': use one of pri, ffsr_rife"):
+        build_model("srgan", cfg, 5)

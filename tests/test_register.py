@@ -95,7 +95,7 @@ def do_register(d, runs, **kw) -> dict:
 
 
 def aliases(name=NAME) -> dict:
-    from pipelines.tracking import current_alias_version
+    from pipelines.registry import current_alias_version
 
     return {a: str(getattr(current_alias_version(name, a), "version", None)) for a in ("challenger", "champion")}
 
@@ -103,7 +103,7 @@ def aliases(name=NAME) -> dict:
 def test_register_aliases_tags_description_and_pyfunc(workdir, runs, caplog):
     import mlflow
 
-    from pipelines.tracking import get_model_version
+    from pipelines.registry import get_model_version
 
     caplog.set_level("INFO", logger="lrreid")
     r1 = do_register(workdir, runs, seed=1, rank1=40.0)

@@ -142,9 +142,9 @@ def test_gradients_reach_backbone():
     out = f(torch.rand(2, 3, 24, 12))
     torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])).backward()
     assert f.backbone.conv1.weight.grad.abs().sum() > 0
-    heads = {id(q) for q in f.head_parameters()}
-    assert id(f.reduce.weight) in heads and id(f.classifier.weight) in heads
-    assert id(f.backbone.conv1.weight) not in heads
+    trunk = {id(q) for t in f.trunks() for q in t.parameters()}
+    assert id(f.reduce.weight) not in trunk and id(f.classifier.weight) not in trunk
+    assert id(f.backbone.conv1.weight) in trunk
 
 
 def test_builders_from_config():

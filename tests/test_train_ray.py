@@ -23,7 +23,7 @@ import torch
 
 from components.config import validate_params
 from components.data import table as T
-from pipelines.ray_train import start_local_ray
+from pipelines.cluster import start_local_ray
 from tests.conftest import tiny_model_params
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def _kill_a_worker_after_the_first_checkpoint(storage: Path, killed: list) -> th
 
 def _pretrain_killed_once(params, split_dir: Path, workdir: Path) -> dict:
     """The pretrain stage, its Ray Train worker killed once after the first checkpoint (Train restarts it)."""
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
 
     killed = []
     killer = _kill_a_worker_after_the_first_checkpoint(workdir / "ray", killed)
@@ -99,7 +99,7 @@ def _pretrain_killed_once(params, split_dir: Path, workdir: Path) -> dict:
 
 def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
     """Pretraining (its worker killed after the first checkpoint: Train restarts it from there) then joint."""
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
     from components.training import load_weights_file
 
     params = tiny_params(workdir / "ray", pretrain_epochs=3, max_failures=1)
@@ -145,7 +145,7 @@ def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
     killed after step 1's checkpoint: Train restarts it there, and it goes on with step 2's optimiser."""
     from components.config import FFSRParams, RIFEParams
     from components.training import load_weights_file
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
     from pipelines.tracking import client
 
     m = tiny_model_params(ffsr=FFSRParams(channels=8), rife=RIFEParams(feature_dim=16, weight_hidden=8))
@@ -213,7 +213,7 @@ def test_stage_resumes_after_the_driver_crashed(local_ray, split_dir, tmp_path, 
 
 def test_workers_that_cannot_be_placed_fail_before_training(local_ray, tmp_path):
     from pipelines.common import StageError
-    from pipelines.ray_train import check_resources
+    from pipelines.cluster import check_resources
 
     with pytest.raises(StageError, match="train.num_workers = 3"):
         check_resources(tiny_params(tmp_path, num_workers=3))
@@ -232,7 +232,7 @@ def test_a_nan_stop_reaches_the_driver_with_its_precision(local_ray, split_dir, 
     checkpointed reports: before the fix it said 'finished without a checkpoint', or kept the last
     good epoch's model and said nothing). A re-run resumes after the last good epoch."""
     from pipelines.common import StageError
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
 
     params = tiny_params(workdir / "ray", lr_backbone=1e30, lr_head=1e30, max_failures=1)
     with pytest.raises(StageError) as err:
@@ -256,7 +256,7 @@ def test_a_split_too_small_for_one_batch_fails_before_ray(split_dir, tmp_path):
 
 def test_explicit_bf16_on_a_broken_cpu_stops_the_stage_before_training(local_ray, split_dir, workdir):
     from pipelines.common import StageError
-    from pipelines.ray_train import run_stage
+    from pipelines.training_stage import run_stage
     from pipelines.tracking import client
 
     with pytest.raises(StageError) as err:

@@ -10,11 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from components import optim as O
+from components import precision as Pr
 from components import training as T
 from components.config import DegradeParams, LossParams, TrainParams
-from components.data.dataset import make_train_loader, ungroup
+from components.data.dataset import make_train_loader
 from components.data.protocols import degrade
 from components.data.splits import split_identities
+from components.models import unwrap
 from components.models.ffsr import FFSR, ffsr_loss, foreground_mask
 from components.models.pri import build_pri
 from components.models.rife import RIFE
@@ -51,7 +54,7 @@ def _epoch(model, loader, opt, phase, epoch, bank=None, precision="fp32", naive=
 # ---------------------------------------------------------------------- optimiser
 def test_param_groups_split_trunks_from_added_layers():
     pri = _pri(5)
-    groups = T.param_groups(pri, 0.01, 0.1)
+    groups = O.param_groups(pri, 0.01, 0.1)
     assert [g["name"] for g in groups] == ["backbone", "head"] and [g["lr"] for g in groups] == [0.01, 0.1]
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in pri.parameters()}  # each exactly once
@@ -60,26 +63,27 @@ def test_param_groups_split_trunks_from_added_layers():
     assert {id(p) for p in pri.G.parameters()} <= {id(p) for p in groups[1]["params"]}
 
     rife = _pri(5, reid="rife").F  # RIFE: stem and both DSB streams are the trunk
-    back = {id(p) for p in T.param_groups(rife, 1, 1)[0]["params"]}
-    assert back == {id(p) for p in rife.parameters()} - {id(p) for p in rife.head_parameters()}
+    back = {id(p) for p in O.param_groups(rife, 1, 1)[0]["params"]}
+    streams = {id(p) for n, p in rife.named_parameters() if n.startswith("stem.") or ".stage_" in n}
+    assert back == streams and streams < {id(p) for p in rife.parameters()}  # predictors, FC, classifier: head
 
     both = nn.ModuleDict({"ffsr": FFSR(channels=4), "rife": rife})  # FFSR is an added layer
-    head = {id(p) for p in T.param_groups(both, 1, 1)[1]["params"]}
+    head = {id(p) for p in O.param_groups(both, 1, 1)[1]["params"]}
     assert {id(p) for p in both["ffsr"].parameters()} <= head
 
     wrapped = nn.DataParallel(pri)  # DDP / DP wrappers are looked through
-    assert T.unwrap(wrapped) is pri
-    assert len(T.param_groups(wrapped, 1, 1)[0]["params"]) == len(groups[0]["params"])
+    assert unwrap(wrapped) is pri
+    assert len(O.param_groups(wrapped, 1, 1)[0]["params"]) == len(groups[0]["params"])
 
 
 def test_build_optimizer_decays_joint_rates():
     pri, train = _pri(5), TrainParams(lr_backbone=0.01, lr_head=0.1, lr_decay=0.1)
-    pre, joint = T.build_optimizer(pri, train, "pretrain"), T.build_optimizer(pri, train, "joint")
+    pre, joint = O.build_optimizer(pri, train, "pretrain"), O.build_optimizer(pri, train, "joint")
     assert isinstance(pre, torch.optim.Adam) and pre.param_groups[0]["betas"] == (0.9, 0.999)
     assert [g["lr"] for g in pre.param_groups] == [0.01, 0.1]
     assert [g["lr"] for g in joint.param_groups] == pytest.approx([0.001, 0.01])
     with pytest.raises(ValueError, match="phase"):
-        T.build_optimizer(pri, train, "finetune")
+        O.build_optimizer(pri, train, "finetune")
 
 
 # ---------------------------------------------------------------------- precision
@@ -88,15 +92,15 @@ def test_precision_resolution_on_cpu(monkeypatch, runs_bf16):
     from components import precision
 
     monkeypatch.setattr(precision, "_cpu_runs_bf16", lambda: runs_bf16)
-    assert T.resolve_precision(CPU, "auto") == ("bf16" if runs_bf16 else "fp32")
-    assert T.resolve_precision(CPU, "fp32") == "fp32" and T.resolve_precision(CPU, "bf16") == "bf16"
+    assert Pr.resolve_precision(CPU, "auto") == ("bf16" if runs_bf16 else "fp32")
+    assert Pr.resolve_precision(CPU, "fp32") == "fp32" and Pr.resolve_precision(CPU, "bf16") == "bf16"
     with pytest.raises(ValueError, match="train.precision = 'fp16'"):
-        T.resolve_precision(CPU, "fp16")
+        Pr.resolve_precision(CPU, "fp16")
     with pytest.raises(ValueError, match="train.precision"):
-        T.autocast(CPU, "fp8")
-    with T.autocast(CPU, "bf16"):
+        Pr.autocast(CPU, "fp8")
+    with Pr.autocast(CPU, "bf16"):
         assert nn.Linear(4, 2)(torch.rand(3, 4)).dtype == torch.bfloat16
-    with T.autocast(CPU, "fp32"):
+    with Pr.autocast(CPU, "fp32"):
         assert nn.Linear(4, 2)(torch.rand(3, 4)).dtype == torch.float32
 
 
@@ -108,7 +112,7 @@ def test_pretrain_and_joint_epochs_return_every_key(split):
     loader = _loader(split)
     pri = _pri(loader.dataset.num_classes)
     steps = []
-    pre = _epoch(pri, loader, T.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 0,
+    pre = _epoch(pri, loader, O.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 0,
                  progress=lambda i, n, running: steps.append((i, n, running)))
     assert PRI_KEYS <= set(pre) and "L_p" not in pre and not any(k.startswith("r_p") for k in pre)
     assert [s[0] for s in steps] == list(range(1, len(loader) + 1)) and steps[-1][1] == len(loader)
@@ -116,7 +120,7 @@ def test_pretrain_and_joint_epochs_return_every_key(split):
 
     bank = LabelBank(len(loader.dataset), 4, omega=1)
     T.refresh_label_bank(pri, loader.dataset, bank, 1, device=CPU, precision="fp32")
-    opt = T.build_optimizer(pri, SLOW_LR, "joint")
+    opt = O.build_optimizer(pri, SLOW_LR, "joint")
     for naive in (False, True):
         joint = _epoch(pri, loader, opt, "joint", 1, bank=bank, naive=naive)
         assert PRI_KEYS | {"L_p", "label_entropy", "r_p_x1", "r_p_x2", "r_p_x3", "r_p_x4"} <= set(joint)
@@ -137,7 +141,7 @@ def test_loss_falls(split, phase, precision, monkeypatch):
         faults.sound_bf16()
     loader = _loader(split)
     pri = _pri(loader.dataset.num_classes)
-    opt = T.build_optimizer(pri, SLOW_LR, phase)
+    opt = O.build_optimizer(pri, SLOW_LR, phase)
     bank = LabelBank(len(loader.dataset), 4, omega=1)
     losses = []
     for epoch in range(4):
@@ -155,7 +159,7 @@ def test_bicubic_baseline_trains_F_alone(split):
     loader = _loader(split)
     pri = _pri(loader.dataset.num_classes, sr=SRParams(kind="bicubic"))
     before = {k: v.clone() for k, v in pri.F.state_dict().items()}
-    opt = T.build_optimizer(pri, SLOW_LR, "pretrain")
+    opt = O.build_optimizer(pri, SLOW_LR, "pretrain")
     losses = [_epoch(pri, loader, opt, "pretrain", epoch)["L"] for epoch in range(4)]
     assert losses[-1] < losses[0], losses
     assert any(not torch.equal(before[k], v) for k, v in pri.F.state_dict().items())
@@ -184,19 +188,19 @@ def test_nan_stops_with_epoch_step_and_term(split):
     with torch.no_grad():
         pri.F.reduce.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(T.NonFiniteLossError, match=r"epoch 3, step 0: L_id is nan"):
-        _epoch(pri, loader, T.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 3)
+        _epoch(pri, loader, O.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 3)
 
 
 def test_pri_losses_with_rife_add_the_resolution_loss():
     batch, C = tiny_triplet_batch()
     pri = _pri(C, reid="rife")
-    step = pri(batch, mode="pretrain", generator=torch.Generator().manual_seed(0))
-    total, terms = T.pri_losses(step, batch, None, LOSS)
+    fwd = pri(batch, mode="pretrain", generator=torch.Generator().manual_seed(0))
+    total, terms = T.pri_losses(fwd, batch, None, LOSS)
     assert set(terms) == {"L", "L_sr", "L_id", "L_tri", "L_r"} and terms["L"] is total
     eq6 = terms["L_sr"] + LOSS.alpha * terms["L_id"] + LOSS.beta * terms["L_tri"]
     torch.testing.assert_close(total, eq6 + LOSS.beta_r * terms["L_r"])
     B = len(batch)
-    w = [torch.cat([o.extras[k] for o in (step.out_rp, step.out_sl, step.out_h)]) for k in ("w_L", "w_H")]
+    w = [torch.cat([o.extras[k] for o in (fwd.out_rp, fwd.out_sl, fwd.out_h)]) for k in ("w_L", "w_H")]
     r_l = torch.empty(B)
     for g in batch.x_l:
         r_l[g.index] = g.images.shape[-1] / batch.x_h.shape[-1]
@@ -215,7 +219,7 @@ def test_ffsr_rife_steps(split, step):
     torch.manual_seed(0)
     model = nn.ModuleDict({"ffsr": FFSR(channels=8),
                            "rife": RIFE("resnet18", loader.dataset.num_classes, feature_dim=32, input_size=(32, 16))})
-    opt = T.build_optimizer(model, SLOW_LR, "pretrain")
+    opt = O.build_optimizer(model, SLOW_LR, "pretrain")
     rife_before = [p.detach().clone() for p in model["rife"].parameters()]
     out = T.run_ffsr_rife_epoch(model["ffsr"], model["rife"], loader, opt, step=step, epoch=0, loss=LOSS,
                                 device=CPU, precision="fp32", hr_width=16, sigma=0.5)
@@ -248,8 +252,7 @@ def test_ffsr_loss_compares_each_sr_image_with_its_own_hr(split):
     with torch.no_grad():
         for batch in loader:  # the same epoch's batches
             B = len(batch)
-            x_sl = ungroup(batch.x_sl, [F.interpolate(g.images, size=(32, 16), mode="bicubic", align_corners=False)
-                                        for g in batch.x_sl], B)
+            x_sl = batch.x_sl.map(lambda x: F.interpolate(x, size=(32, 16), mode="bicubic", align_corners=False))
             sr = ffsr(torch.cat([batch.x_h, x_sl]), (32, 16))
             own.append(ffsr_loss(sr, torch.cat([batch.x_h, batch.x_h]), mask).item() * B)
             total += B
@@ -276,7 +279,7 @@ def _small(num_classes=5, seed=0, **kw):
 
 
 def _stepped_optimizer(model):
-    opt = T.build_optimizer(model, SLOW_LR, "joint")
+    opt = O.build_optimizer(model, SLOW_LR, "joint")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
@@ -294,7 +297,7 @@ def test_training_state_round_trip(tmp_path, monkeypatch):
     expected_random = (random.random(), np.random.rand(), torch.rand(3))  # the numbers after the save
 
     other = _small(seed=1)
-    other_opt, other_bank = T.build_optimizer(other, SLOW_LR, "joint"), LabelBank(7, 4, omega=1)
+    other_opt, other_bank = O.build_optimizer(other, SLOW_LR, "joint"), LabelBank(7, 4, omega=1)
     state = T.TrainingState(other, other_opt, other_bank, phase="joint")
     calls = []
     real_load = torch.load
@@ -328,20 +331,20 @@ def test_training_state_rejects_other_models_phases_and_corrupt_files(tmp_path):
     other = _small(feature_dim=16)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match=r"state\.pt: saved for another model"):
-        T.TrainingState(other, T.build_optimizer(other, SLOW_LR, "joint"), phase="joint").load(path)
+        T.TrainingState(other, O.build_optimizer(other, SLOW_LR, "joint"), phase="joint").load(path)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched
     with pytest.raises(ValueError, match=r"state\.pt: saved in phase 'joint'"):
-        T.TrainingState(model, T.build_optimizer(model, SLOW_LR, "pretrain"), phase="pretrain").load(path)
+        T.TrainingState(model, O.build_optimizer(model, SLOW_LR, "pretrain"), phase="pretrain").load(path)
     bad_bank = LabelBank(3, 4, omega=1)
-    T.TrainingState(model, T.build_optimizer(model, SLOW_LR, "joint"), LabelBank(7, 4, omega=1), "joint").save(path)
+    T.TrainingState(model, O.build_optimizer(model, SLOW_LR, "joint"), LabelBank(7, 4, omega=1), "joint").save(path)
     with pytest.raises(ValueError, match="label bank"):
-        T.TrainingState(model, T.build_optimizer(model, SLOW_LR, "joint"), bad_bank, "joint").load(path)
+        T.TrainingState(model, O.build_optimizer(model, SLOW_LR, "joint"), bad_bank, "joint").load(path)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="corrupt.pt"):
-        T.TrainingState(model, T.build_optimizer(model, SLOW_LR, "joint"), phase="joint").load(corrupt)
+        T.TrainingState(model, O.build_optimizer(model, SLOW_LR, "joint"), phase="joint").load(corrupt)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        T.TrainingState(model, T.build_optimizer(model, SLOW_LR, "joint"), phase="joint").load(tmp_path / "missing.pt")
+        T.TrainingState(model, O.build_optimizer(model, SLOW_LR, "joint"), phase="joint").load(tmp_path / "missing.pt")
 
 
 def test_save_and_load_weights(tmp_path):
@@ -372,12 +375,12 @@ def _distributed_worker(rank, world, init_file, split, out_dir):
         pri = _pri(loader.dataset.num_classes)  # same seed: same weights on both ranks
         bank = LabelBank(len(loader.dataset), 4, omega=1, gamma=1 / 3)
         T.refresh_label_bank(pri, loader.dataset, bank, 1, device=CPU, precision="fp32")
-        metrics = _epoch(pri, loader, T.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 1)
+        metrics = _epoch(pri, loader, O.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 1)
         if rank == 0:  # a NaN on one rank stops every rank at the same step (no hang)
             with torch.no_grad():
                 pri.F.reduce.weight[0, 0, 0, 0] = float("nan")
         try:
-            _epoch(pri, loader, T.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 2)
+            _epoch(pri, loader, O.build_optimizer(pri, SLOW_LR, "pretrain"), "pretrain", 2)
             error = ""
         except T.NonFiniteLossError as exc:
             error = str(exc)
@@ -419,3 +422,53 @@ def test_tracked_scales_follow_P_and_the_label_bank(split):
         expected = pri.scales[pri.predict(ds[0]["x_l"][None]).argmax(1)].item()
     assert out[f"r_p/{images[0]}"] == expected and not pri.training
     assert T.tracked_scales(pri, ds, bank, 0, device=CPU, precision="fp32") == {}
+
+
+# ---------------------------------------------------------------------- trainers
+def test_ffsr_rife_trainer_resumes_at_the_step_boundary_with_the_next_steps_optimiser(split, tmp_path):
+    """A checkpoint after step 1's last epoch: the resumed trainer restores step 1's optimiser state,
+    then starts step 2 with its own optimiser (kind, rate), as an uninterrupted trainer does."""
+    from components.config import FFSRParams, RIFEParams, validate_params
+    from components.training.trainers import make_trainer
+
+    m = tiny_model_params(ffsr=FFSRParams(channels=4), rife=RIFEParams(feature_dim=16, weight_hidden=8))
+    steps = {"ffsr": {"epochs": 1, "optimizer": "sgd", "lr": 0.01},
+             "rife": {"epochs": 1, "optimizer": "adam", "lr": 0.002}, "joint": {"epochs": 1}}
+    params = validate_params({"model": m.model_dump(mode="json"), "train": {"model": "ffsr_rife", "seed": 0},
+                              "degrade": {"hr_height": 32, "hr_width": 16}, "ffsr_rife": steps})
+
+    def trainer():
+        torch.manual_seed(0)
+        return make_trainer(params, "pretrain", _loader(split), device=CPU, naive_labels=True)
+
+    first = trainer()
+    assert first.epochs == 2 and first.next_epoch == 0
+    metrics = first.train_epoch(0, "fp32")
+    assert "L_ffsr" in metrics and isinstance(first.state.optimizer, torch.optim.SGD)
+    first.end_epoch(0, metrics)
+    first.state.save(tmp_path / "state.pt")
+    resumed = trainer()
+    resumed.resume(tmp_path / "state.pt")
+    assert resumed.next_epoch == 1 and len(resumed.history) == 1
+    for run in (first, resumed):
+        out = run.train_epoch(1, "fp32")
+        assert "L_rife" in out and isinstance(run.state.optimizer, torch.optim.Adam)
+        assert out["lr_head"] == pytest.approx(0.002)
+    for a, b in zip(first.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)  # the same epoch from the checkpoint as without the stop
+
+
+def test_pri_trainer_refreshes_its_bank_and_tracks_scales(split):
+    from components.config import validate_params
+    from components.training.trainers import make_trainer
+
+    params = validate_params({"model": tiny_model_params(omega=1).model_dump(mode="json"),
+                              "train": {"track_images": 2}, "degrade": {"hr_height": 32, "hr_width": 16}})
+    torch.manual_seed(0)
+    trainer = make_trainer(params, "joint", _loader(split), device=CPU)
+    assert trainer.epochs == params.train.epochs and trainer.state.bank is not None
+    metrics = trainer.train_epoch(0, "fp32")
+    assert metrics["refresh_seconds"] > 0 and "L_p" in metrics  # omega = 1: the bank is refreshed first
+    trainer.end_epoch(0, metrics)
+    assert "label_bank_entropy" in metrics and sum(k.startswith("r_p/") for k in metrics) == 2
+    assert trainer.history[-1]["L"] == metrics["L"] and trainer.state.epoch == 0

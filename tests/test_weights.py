@@ -47,7 +47,7 @@ def test_backbone_weights_text_file_stops_the_model_build(tmp_path):
 
 
 def test_evaluate_model_text_file_is_one_error_line(tmp_path, monkeypatch, capsys):
-    """`lrreid evaluate --model some.txt` (components/training.py load_weights_file)."""
+    """`lrreid evaluate --model some.txt` (components/training/state.py load_weights_file)."""
     from components.config import Params
     from pipelines.cli import main
 

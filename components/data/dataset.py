@@ -13,8 +13,8 @@ item comes from (seed, epoch, index), so the same item at the same epoch is the
 same triplet in any DataLoader worker process.
 
 x_l and x_sl have different sizes within a batch, so :func:`collate_triplets`
-groups them by size into stacked tensors (:class:`SizeGroup`); :func:`ungroup`
-puts per-group model outputs back into batch order.
+groups them by size into stacked tensors (:class:`SizeGroups`, the one mixed-size
+batch type), whose ``map`` / ``in_batch_order`` put model outputs back into batch order.
 
 Usage::
 
@@ -282,26 +282,101 @@ class SizeGroup:
     images: torch.Tensor  # [n, 3, h, w]
 
     def to(self, device, non_blocking: bool = False) -> "SizeGroup":
-        return SizeGroup(
-            self.index.to(device, non_blocking=non_blocking),
-            self.images.to(device, non_blocking=non_blocking),
-        )
+        return SizeGroup(self.index.to(device, non_blocking=non_blocking),
+                         self.images.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "SizeGroup":
         return SizeGroup(self.index.pin_memory(), self.images.pin_memory())
 
 
 @dataclass
+class SizeGroups:
+    """The one mixed-size batch type: ``size`` images as same-size :class:`SizeGroup` s.
+
+    Every batch position 0..size-1 is in exactly one group. A model runs once per group
+    (:meth:`map`) or once on all groups concatenated in group order (:meth:`cat`), and
+    :meth:`in_batch_order` puts rows in group order back into batch order.
+    """
+
+    groups: list[SizeGroup]
+    size: int  # B, the number of images
+
+    @classmethod
+    def of(cls, images: Sequence[torch.Tensor], keys: Sequence | None = None) -> "SizeGroups":
+        """Stack same-size images (and same extra key, if given) into groups, in first-seen order."""
+        positions: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            key = tuple(image.shape) + ((keys[i],) if keys is not None else ())
+            positions.setdefault(key, []).append(i)
+        return cls([SizeGroup(torch.tensor(idx, dtype=torch.long), torch.stack([images[i] for i in idx]))
+                    for idx in positions.values()], len(images))
+
+    @classmethod
+    def stacked(cls, x: torch.Tensor) -> "SizeGroups":
+        """One same-size batch [B, 3, H, W] as a single group."""
+        return cls([SizeGroup(torch.arange(len(x), device=x.device), x)], len(x))
+
+    @classmethod
+    def concat(cls, parts: Sequence["SizeGroups"]) -> "SizeGroups":
+        """``parts`` one after the other: the second's positions follow the first's, and so on."""
+        groups, offset = [], 0
+        for part in parts:
+            groups += [SizeGroup(g.index + offset, g.images) for g in part.groups]
+            offset += part.size
+        return cls(groups, offset)
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def to(self, device, non_blocking: bool = False) -> "SizeGroups":
+        return SizeGroups([g.to(device, non_blocking) for g in self.groups], self.size)
+
+    def pin_memory(self) -> "SizeGroups":
+        return SizeGroups([g.pin_memory() for g in self.groups], self.size)
+
+    def cat(self, fn=None) -> torch.Tensor:
+        """Every group's images (or ``fn`` of them) concatenated in group order."""
+        return torch.cat([g.images if fn is None else fn(g.images) for g in self.groups])
+
+    def in_batch_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows in group order (one per image, as :meth:`cat` lays them out) -> batch order [B, ...].
+        Differentiable: gradients flow back to every row."""
+        order = torch.cat([g.index.to(rows.device) for g in self.groups])
+        if rows.shape[0] != order.numel():
+            raise ValueError(f"{rows.shape[0]} rows for groups of {order.numel()} images")
+        if order.numel() != self.size or not torch.equal(torch.sort(order).values,
+                                                          torch.arange(self.size, device=order.device)):
+            raise ValueError(f"the groups' indices do not cover batch positions 0..{self.size - 1} once each")
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(self.size, device=order.device)
+        return rows[inverse]
+
+    def map(self, fn) -> torch.Tensor:
+        """``fn`` on each group's images, the outputs back in batch order [B, ...]."""
+        return self.in_batch_order(torch.cat([fn(g.images) for g in self.groups]))
+
+    def widths(self, device=None) -> torch.Tensor:
+        """The image width of every batch position, float [B]."""
+        w = torch.empty(self.size, device=device)
+        for g in self.groups:
+            w[g.index] = float(g.images.shape[-1])
+        return w
+
+
+@dataclass
 class TripletBatch:
     """A collated batch of B triplets.
 
-    ``x_h`` is stacked [B, 3, H, W]; ``x_l`` and ``x_sl`` are lists of
-    :class:`SizeGroup` (mixed sizes). All ``x_sl`` in one group share one r_sl.
+    ``x_h`` is stacked [B, 3, H, W]; ``x_l`` and ``x_sl`` are :class:`SizeGroups`
+    (mixed sizes). All ``x_sl`` in one group share one r_sl.
     """
 
     x_h: torch.Tensor
-    x_l: list[SizeGroup]
-    x_sl: list[SizeGroup]
+    x_l: SizeGroups
+    x_sl: SizeGroups
     r_sl: torch.Tensor  # float32 [B]
     label: torch.Tensor  # int64 [B]
     person_id: torch.Tensor  # int64 [B]
@@ -315,7 +390,7 @@ class TripletBatch:
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            values[f.name] = [fn_group(g) for g in v] if isinstance(v, list) else fn_tensor(v)
+            values[f.name] = fn_group(v) if isinstance(v, SizeGroups) else fn_tensor(v)
         return TripletBatch(**values)
 
     def to(self, device, non_blocking: bool = False) -> "TripletBatch":
@@ -326,18 +401,6 @@ class TripletBatch:
 
     def pin_memory(self) -> "TripletBatch":
         return self._map(lambda t: t.pin_memory(), lambda g: g.pin_memory())
-
-
-def group_by_size(images: Sequence[torch.Tensor], keys: Sequence | None = None) -> list[SizeGroup]:
-    """Stack same-size images (and same extra key, if given) into SizeGroups, in first-seen order."""
-    positions: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        key = tuple(image.shape) + ((keys[i],) if keys is not None else ())
-        positions.setdefault(key, []).append(i)
-    return [
-        SizeGroup(torch.tensor(idx, dtype=torch.long), torch.stack([images[i] for i in idx]))
-        for idx in positions.values()
-    ]
 
 
 def collate_triplets(samples: Sequence[dict]) -> TripletBatch:
@@ -354,34 +417,14 @@ def collate_triplets(samples: Sequence[dict]) -> TripletBatch:
     r_sl = [float(s["r_sl"]) for s in samples]
     return TripletBatch(
         x_h=torch.stack([s["x_h"] for s in samples]),
-        x_l=group_by_size([s["x_l"] for s in samples]),
-        x_sl=group_by_size([s["x_sl"] for s in samples], keys=r_sl),
+        x_l=SizeGroups.of([s["x_l"] for s in samples]),
+        x_sl=SizeGroups.of([s["x_sl"] for s in samples], keys=r_sl),
         r_sl=torch.tensor(r_sl, dtype=torch.float32),
         label=torch.tensor([s["label"] for s in samples], dtype=torch.long),
         person_id=torch.tensor([s["person_id"] for s in samples], dtype=torch.long),
         index=torch.tensor([s["index"] for s in samples], dtype=torch.long),
         lr_scale=torch.tensor([s["lr_scale"] for s in samples], dtype=torch.float32),
     )
-
-
-def ungroup(groups: Sequence[SizeGroup], outputs: Sequence[torch.Tensor], batch_size: int) -> torch.Tensor:
-    """Put per-group outputs (``outputs[g]`` is [n_g, ...]) back into batch order [B, ...].
-
-    Differentiable: gradients flow back to every group's output.
-    """
-    if len(groups) != len(outputs):
-        raise ValueError(f"{len(groups)} groups but {len(outputs)} outputs")
-    for g, out in zip(groups, outputs):
-        if out.shape[0] != len(g.index):
-            raise ValueError(f"a group of {len(g.index)} images has an output of {out.shape[0]} rows")
-    order = torch.cat([g.index.to(outputs[0].device) for g in groups])
-    if order.numel() != batch_size or not torch.equal(
-        torch.sort(order).values, torch.arange(batch_size, device=order.device)
-    ):
-        raise ValueError(f"the groups' indices do not cover batch positions 0..{batch_size - 1} once each")
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(batch_size, device=order.device)
-    return torch.cat(list(outputs))[inverse]
 
 
 class TripletLoader(DataLoader):

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from components.config import CUHK03_VARIANTS, LAYOUTS
 from components.images import IMAGE_SUFFIXES, ImageError, encode_png, from_array, read_image
 from components.data.table import (
     CAMERA_ID,
@@ -36,10 +37,6 @@ from components.data.table import (
     WIDTH,
 )
 
-LAYOUTS: tuple[str, ...] = (
-    "synthetic", "market1501", "dukemtmc", "cuhk03", "msmt17", "viper", "caviar",
-)
-CUHK03_VARIANTS = ("labeled", "detected")
 
 
 class LayoutError(ValueError):

@@ -26,10 +26,9 @@ import torchvision
 
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
+from components.config import BACKBONES, RESNETS
 from components.models.weights import load_state_dict_file
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
-RESNETS = ("resnet18", "resnet34", "resnet50")
 STAGE_CHANNELS = {
     "resnet18": [64, 128, 256, 512],
     "resnet34": [64, 128, 256, 512],

@@ -62,8 +62,13 @@ class FFSR(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x: [B, 3, h, w] float in [0, 1] -> SR image [B, 3, *size]."""
-        up = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
+        up = enlarge(x, size)
         return up + self.residual(up)  # global residual
+
+
+def enlarge(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """FFSR's first step: bicubic enlargement to ``size`` (also RIFE's input without FFSR)."""
+    return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
 
 
 def foreground_mask(height: int, width: int, sigma: float, device=None, dtype=torch.float32) -> Tensor:

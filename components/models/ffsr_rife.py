@@ -3,7 +3,7 @@
 Every image, probe or gallery, low or high resolution, goes through both (Eq. 3):
 I' = FFSR(I) at the HR size, f = RIFE(I'). FFSR is meant to enhance LR images and to
 keep the details of HR ones (Sec. 4.1). Trained in three steps through the same Ray
-driver as PRI (pipelines/ray_train.py, components/training.run_ffsr_rife_epoch) and
+driver as PRI (pipelines/ray_train.py, components/training/ffsr_rife.py) and
 scored by components/evaluation.embed_ffsr_rife.
 """
 

@@ -22,25 +22,20 @@ F may be the paper's ResNet module or RIFE ("standard re-id model + PRI").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from components.config import ModelParams
-from components.data.dataset import SizeGroup, TripletBatch, ungroup
+from components.data.dataset import SizeGroup, SizeGroups, TripletBatch
 from components.losses import pairwise_distances
 from components.models.reid import ReIDOutput
 
-Groups = list[SizeGroup]
-
-
-def as_groups(x: torch.Tensor | Groups) -> tuple[Groups, int]:
-    """Accept one same-size batch or size groups; return (groups, batch size)."""
-    if isinstance(x, torch.Tensor):
-        return [SizeGroup(torch.arange(len(x), device=x.device), x)], len(x)
-    return x, sum(len(g.index) for g in x)
+def as_groups(x: torch.Tensor | SizeGroups) -> SizeGroups:
+    """Accept one same-size batch or size groups."""
+    return SizeGroups.stacked(x) if isinstance(x, torch.Tensor) else x
 
 
 def _split_output(out: ReIDOutput, sizes: list[int]) -> list[ReIDOutput]:
@@ -54,14 +49,14 @@ def _split_output(out: ReIDOutput, sizes: list[int]) -> list[ReIDOutput]:
 
 
 @dataclass
-class PRIStep:
+class PRIForward:
     """What one training forward gives the losses (all in batch order)."""
 
     r_index: torch.Tensor  # [B] index into scales used to recover x_l (r_p, or random in pretrain)
     out_rp: ReIDOutput  # F(G_{r_p}(x_l))
     out_sl: ReIDOutput  # F(G_{r_sl}(x_sl))
     out_h: ReIDOutput  # F(x_h)
-    sr_sl: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (index, G_{r_sl}(x_sl)) per group
+    sr_sl: SizeGroups | None = None  # G_{r_sl}(x_sl), grouped by size
     p_logits: torch.Tensor | None = None  # [B, N] P(x_l), joint training only
 
 
@@ -79,14 +74,13 @@ class PRI(nn.Module):
             return x
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    def predict(self, x_l: torch.Tensor | Groups) -> torch.Tensor:
+    def predict(self, x_l: torch.Tensor | SizeGroups) -> torch.Tensor:
         """P's logits [B, N] for x_l of mixed sizes: one P call on the resized batch (Eq. 1)."""
-        groups, B = as_groups(x_l)
+        groups = as_groups(x_l)
         size = getattr(self.P, "input_size", None)
-        logits = self.P(torch.cat([self._to_input(g.images, size) for g in groups]))
-        return ungroup(groups, list(logits.split([len(g.index) for g in groups])), B)
+        return groups.in_batch_order(self.P(groups.cat(lambda x: self._to_input(x, size))))
 
-    def recover(self, groups: Groups, r_index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def recover(self, groups: SizeGroups, r_index: torch.Tensor) -> SizeGroups:
         """G_{r}(x) per sample, r = scales[r_index]: G's features once per size group, its
         meta-upscale once per (size, scale) group."""
         out = []
@@ -95,32 +89,29 @@ class PRI(nn.Module):
             features = self.G.features(g.images)
             for k in idx_of.unique().tolist():
                 sel = (idx_of == k).nonzero().squeeze(1)
-                out.append((g.index[sel], self.G.upscale_features(features[sel], g.images[sel], float(self.scales[k]))))
-        return out
+                out.append(SizeGroup(g.index[sel], self.G.upscale_features(features[sel], g.images[sel],
+                                                                           float(self.scales[k]))))
+        return SizeGroups(out, groups.size)
 
-    def recover_all(self, groups: Groups) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """G_{r_i}(x) for every alternative r_i (per scale, as :meth:`recover` returns them), G's
+    def recover_all(self, groups: SizeGroups) -> list[SizeGroups]:
+        """G_{r_i}(x) for every alternative r_i (one :class:`SizeGroups` per scale), G's
         features computed once per size group."""
         out = [[] for _ in range(len(self.scales))]
         for g in groups:
             features = self.G.features(g.images)
             for k in range(len(self.scales)):
-                out[k].append((g.index, self.G.upscale_features(features, g.images, float(self.scales[k]))))
-        return out
+                out[k].append(SizeGroup(g.index, self.G.upscale_features(features, g.images, float(self.scales[k]))))
+        return [SizeGroups(parts, groups.size) for parts in out]
 
-    def embed(self, parts: list[tuple[torch.Tensor, torch.Tensor]], B: int) -> ReIDOutput:
-        """F on images of any sizes (resized to F's input), back in batch order."""
-        index = torch.cat([i for i, _ in parts])
-        if len(index) != B:
-            raise ValueError(f"embed got {len(index)} images for a batch of {B}")
-        out = self.F(torch.cat([self._to_input(img) for _, img in parts]))
-        order = torch.empty_like(index)
-        order[index] = torch.arange(len(index), device=index.device)
-        return ReIDOutput(out.feature[order], None if out.logits is None else out.logits[order],
-                          {k: v[order] for k, v in out.extras.items()})
+    def embed(self, images: SizeGroups) -> ReIDOutput:
+        """F on images of any sizes (resized to F's input, one F call), back in batch order."""
+        out = self.F(images.cat(self._to_input))
+        return ReIDOutput(images.in_batch_order(out.feature),
+                          None if out.logits is None else images.in_batch_order(out.logits),
+                          {k: images.in_batch_order(v) for k, v in out.extras.items()})
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: TripletBatch, mode: str = "joint", generator: torch.Generator | None = None) -> PRIStep:
+    def forward(self, batch: TripletBatch, mode: str = "joint", generator: torch.Generator | None = None) -> PRIForward:
         B = len(batch.x_h)
         p_logits = None
         if mode == "joint":
@@ -134,16 +125,14 @@ class PRI(nn.Module):
         sl_index = torch.bucketize(batch.r_sl.to(self.scales), self.scales)  # r_sl -> index in scales
         sr_sl = self.recover(batch.x_sl, sl_index)
         # F embeds the three kinds of images in one batch: [x_rp | x_sl | x_h]
-        parts = x_rp + [(i + B, img) for i, img in sr_sl] + [(torch.arange(B, device=batch.x_h.device) + 2 * B, batch.x_h)]
-        out = _split_output(self.embed(parts, 3 * B), [B, B, B])
-        return PRIStep(r_index, out[0], out[1], out[2], sr_sl, p_logits)
+        out = _split_output(self.embed(SizeGroups.concat([x_rp, sr_sl, SizeGroups.stacked(batch.x_h)])), [B, B, B])
+        return PRIForward(r_index, out[0], out[1], out[2], sr_sl, p_logits)
 
     @torch.no_grad()
-    def scale_distances(self, x_l: torch.Tensor | Groups, x_h: torch.Tensor) -> torch.Tensor:
+    def scale_distances(self, x_l: torch.Tensor | SizeGroups, x_h: torch.Tensor) -> torch.Tensor:
         """d_i = ||F(G_{r_i}(x_l)) - F(x_h)|| for every alternative r_i -> [B, N] (input of Eq. 3)."""
-        groups, B = as_groups(x_l)
         f_h = self.F(self._to_input(x_h)).feature
-        d = [(self.embed(parts, B).feature - f_h).norm(dim=1) for parts in self.recover_all(groups)]
+        d = [(self.embed(parts).feature - f_h).norm(dim=1) for parts in self.recover_all(as_groups(x_l))]
         return torch.stack(d, dim=1)
 
     # ------------------------------------------------------------------ inference
@@ -152,27 +141,26 @@ class PRI(nn.Module):
         return self.F(self._to_input(x_h)).feature
 
     @torch.no_grad()
-    def embed_probe(self, x_l: torch.Tensor | Groups, choose=None):
+    def embed_probe(self, x_l: torch.Tensor | SizeGroups, choose=None):
         """(feature [B, D], r_p [B] scale values, P's probabilities [B, N]) for LR probes."""
-        groups, B = as_groups(x_l)
+        groups = as_groups(x_l)
         probs = self.predict(groups).softmax(1) if self.P is not None else None
         choose = choose or Adaptive()
-        r_index = choose(self, groups, B, probs)
-        feature = self.embed(self.recover(groups, r_index), B).feature
+        r_index = choose(self, groups, probs)
+        feature = self.embed(self.recover(groups, r_index)).feature
         return feature, self.scales[r_index], probs
 
     @torch.no_grad()
-    def embed_all_scales(self, x_l: torch.Tensor | Groups) -> torch.Tensor:
+    def embed_all_scales(self, x_l: torch.Tensor | SizeGroups) -> torch.Tensor:
         """Features of x_l recovered at every alternative scale -> [B, N, D] (for the ideal predictor)."""
-        groups, B = as_groups(x_l)
-        return torch.stack([self.embed(parts, B).feature for parts in self.recover_all(groups)], dim=1)
+        return torch.stack([self.embed(parts).feature for parts in self.recover_all(as_groups(x_l))], dim=1)
 
 
 # ---------------------------------------------------------------------- scale choice (PRI Table 2)
 class Adaptive:
     """r_p = argmax P(x_l): PRI's adaptive scale factor predictor."""
 
-    def __call__(self, pri: PRI, groups: Groups, B: int, probs: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, pri: PRI, groups: SizeGroups, probs: torch.Tensor | None) -> torch.Tensor:
         if probs is None:
             raise ValueError("the adaptive choice needs the predictor P; this model has none")
         return probs.argmax(1)
@@ -184,11 +172,11 @@ class Fixed:
     def __init__(self, r: float):
         self.r = float(r)
 
-    def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
+    def __call__(self, pri: PRI, groups: SizeGroups, probs) -> torch.Tensor:
         hits = (pri.scales == self.r).nonzero()
         if len(hits) == 0:
             raise ValueError(f"fixed scale {self.r:g} is not one of model.scales {pri.scales.tolist()}")
-        return torch.full((B,), int(hits[0]), dtype=torch.long, device=pri.scales.device)
+        return torch.full((groups.size,), int(hits[0]), dtype=torch.long, device=pri.scales.device)
 
 
 class SizeBased:
@@ -201,8 +189,8 @@ class SizeBased:
     def __init__(self, hr_height: float):
         self.hr_height = float(hr_height)
 
-    def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
-        out = torch.empty(B, dtype=torch.long, device=pri.scales.device)
+    def __call__(self, pri: PRI, groups: SizeGroups, probs) -> torch.Tensor:
+        out = torch.empty(groups.size, dtype=torch.long, device=pri.scales.device)
         for g in groups:
             out[g.index] = size_based_index(pri.scales, self.hr_height, torch.tensor([g.images.shape[-2]]))
         return out
@@ -236,7 +224,7 @@ class Ideal:
     def __init__(self, probe_pids: torch.Tensor, gallery: torch.Tensor, gallery_pids: torch.Tensor):
         self.probe_pids, self.gallery, self.gallery_pids = probe_pids, gallery, gallery_pids
 
-    def __call__(self, pri: PRI, groups: Groups, B: int, probs) -> torch.Tensor:
+    def __call__(self, pri: PRI, groups: SizeGroups, probs) -> torch.Tensor:
         return ideal_scale(pri.embed_all_scales(groups), self.probe_pids, self.gallery, self.gallery_pids)
 
 

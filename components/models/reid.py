@@ -79,9 +79,9 @@ class _Pooled(nn.Module):
         """[B, 3, H, W] in [0, 1] -> globally average-pooled maps [B, C, 1, 1]."""
         return F.adaptive_avg_pool2d(self.backbone(self.prep(x)), 1)
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The added layers (PRI: lr 0.1), as opposed to ``self.backbone`` (lr 0.01)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+    def trunks(self) -> list[nn.Module]:
+        """The torchvision trunk (PRI: lr 0.01); the rest are added layers (lr 0.1): components/optim.py."""
+        return [self.backbone]
 
 
 class Predictor(_Pooled):

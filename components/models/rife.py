@@ -125,10 +125,10 @@ class RIFE(nn.Module):
         logits = self.classifier(f) if self.classifier is not None else None  # Eq. 8: FC(f_i)
         return ReIDOutput(feature=f, logits=logits, extras={"w_L": torch.stack(w_L, 1), "w_H": torch.stack(w_H, 1)})
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The added layers (weight predictors, FC, classifier), as opposed to the ResNet streams."""
-        backbone = (".stem.", ".stage_L.", ".stage_H.")
-        return [p for n, p in self.named_parameters() if not any(b in "." + n for b in backbone)]
+    def trunks(self) -> list[nn.Module]:
+        """The ResNet parts: the stem and both streams of every DSB. The weight predictors, FC and
+        classifier are added layers (components/optim.py)."""
+        return [self.stem, *(s for b in self.blocks for s in (b.stage_L, b.stage_H))]
 
 
 def resolution(widths, max_width) -> Tensor:

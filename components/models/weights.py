@@ -76,21 +76,26 @@ def read_state_dict(path: str | Path, what: str, hint: str = "") -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def fit_problems(saved: dict, own: dict, most: int = 5) -> str:
+    """'' if the state dict ``saved`` fits ``own`` (keys and shapes), else what does not (``most`` keys each)."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    wrong = [f"{k} file {_shape(saved[k])} vs model {tuple(v.shape)}" for k, v in own.items()
+             if k in saved and (not torch.is_tensor(saved[k]) or saved[k].shape != v.shape)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if keys:
+            more = f" (+{len(keys) - most} more)" if len(keys) > most else ""
+            parts.append(f"{label} {len(keys)}: {', '.join(keys[:most])}{more}")
+    return "; ".join(parts)
+
+
 def load_state_dict_file(module: nn.Module, path: str | Path, what: str, architecture: str,
                          hint: str = "", check: str = "") -> None:
     """Load the state dict at ``path`` into ``module`` strictly, with errors naming ``what``."""
     state = read_state_dict(path, what, hint)
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} file {_shape(state[k])} vs model {tuple(v.shape)}" for k, v in own.items()
-             if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{label} {len(keys)}: {', '.join(keys[:5])}{more}")
-        raise ValueError(f"{what} = {str(path)!r} does not fit {architecture}: " + "; ".join(parts)
-                         + f". Check {check or 'the architecture params next to ' + what}")
+    problems = fit_problems(state, module.state_dict())
+    if problems:
+        raise ValueError(f"{what} = {str(path)!r} does not fit {architecture}: {problems}"
+                         f". Check {check or 'the architecture params next to ' + what}")
     module.load_state_dict(state, strict=True)
