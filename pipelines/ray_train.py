@@ -125,52 +125,27 @@ def backfill_history(run_id: str, history: list[dict]) -> None:
 
 # ---------------------------------------------------------------------- worker side
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: its data shard, the trainer (components/training/trainers.py), resume
+    """One Ray Train worker: its data shard and trainer (components/training/trainers.py), resume
     from Train's checkpoint, then one report (rank 0: with a checkpoint) per epoch."""
-    import ray
     import ray.train
-    import ray.train.torch
 
-    from components.data.dataset import make_train_loader
     from components.precision import PrecisionError, guard_onednn
     from components.training import NonFiniteLossError
-    from components.training.trainers import make_trainer
 
     capped = guard_onednn()  # before this process's first convolution
     params = Params.model_validate(config["params"])
-    phase, t = config["phase"], params.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(t.seed * 1000 + rank)
-    loader = make_train_loader(ray.get(config["table"]), ray.get(config["pairs"]), scales=params.model.scales,
-                               P=params.batch_identities()[0], K=t.images_per_identity, flip_p=t.flip_p,
-                               seed=t.seed, num_workers=t.loader_workers, num_replicas=world, rank=rank)
-    init = config.get("init_state")
-    trainer = make_trainer(params, phase, loader, device=device, rank=rank, wrap=ray.train.torch.prepare_model,
-                           init_state=ray.get(init) if init is not None else None,
-                           naive_labels=config["naive_labels"])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group, or the stage run again after a crash
-        with checkpoint.as_directory() as d:
-            if (Path(d) / "state.pt").exists():  # a stop before the first epoch's end leaves none
-                trainer.resume(Path(d) / "state.pt")
-        if rank == 0:
-            log.info("[%s] resuming after epoch %d", phase, trainer.next_epoch)
+    trainer, rank = worker_trainer(config, params)
+    resumed = resume_from_train(trainer, rank)
     if capped and rank == 0:
         log.info("%s", capped)
     try:
-        precision = worker_precision(trainer.model, loader, phase, device, t.precision)
+        precision = trainer.check_precision(params.train.precision)
     except PrecisionError as exc:  # before training; the driver raises it as a StageError
         report_stop(str(exc), -1, rank, None)
         return
-    validation = None
-    if config.get("validation") is not None and rank == 0:
-        from components.evaluation import load_test_set
-
-        validation = load_test_set(ray.get(config["validation"]), 1, source="the validation hold-out")
+    validation = validation_set(config, rank)
     train_start_unix = time.time()  # the first step is next: a search's scheduling overhead ends here
-    if checkpoint and trainer.history:  # the checkpointed epoch's result once more, for a driver that
+    if resumed and trainer.history:  # the checkpointed epoch's result once more, for a driver that
         # died before it got it (MLflow and Tune skip an epoch they have seen); this run's start time
         ray.train.report({**trainer.history[-1], "train_start_unix": train_start_unix})
     saved = None  # rank 0: the folder of the last epoch's checkpoint (a stop report re-sends it)
@@ -190,6 +165,57 @@ def train_loop_per_worker(config: dict) -> None:
         saved = report_epoch(trainer, metrics, rank, saved)
     if saved:
         shutil.rmtree(saved, ignore_errors=True)
+
+
+def worker_trainer(config: dict, params: Params):
+    """This worker's shard of the training pairs and its trainer (DDP-wrapped by Train); returns
+    (trainer, world rank)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from components.data.dataset import make_train_loader
+    from components.training.trainers import make_trainer
+
+    t = params.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(t.seed * 1000 + rank)
+    loader = make_train_loader(ray.get(config["table"]), ray.get(config["pairs"]), scales=params.model.scales,
+                               P=params.batch_identities()[0], K=t.images_per_identity, flip_p=t.flip_p,
+                               seed=t.seed, num_workers=t.loader_workers, num_replicas=world, rank=rank)
+    init = config.get("init_state")
+    trainer = make_trainer(params, config["phase"], loader, device=ray.train.torch.get_device(), rank=rank,
+                           wrap=ray.train.torch.prepare_model, init_state=ray.get(init) if init is not None else None,
+                           naive_labels=config["naive_labels"])
+    return trainer, rank
+
+
+def resume_from_train(trainer, rank: int) -> bool:
+    """Load Train's latest checkpoint into ``trainer`` (a restarted worker group, or the stage run
+    again after a crash); False where there is none."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return False
+    with checkpoint.as_directory() as d:
+        if (Path(d) / "state.pt").exists():  # a stop before the first epoch's end leaves none
+            trainer.resume(Path(d) / "state.pt")
+    if rank == 0:
+        log.info("[%s] resuming after epoch %d", trainer.phase, trainer.next_epoch)
+    return True
+
+
+def validation_set(config: dict, rank: int):
+    """Rank 0's validation hold-out (a TestSet with one gallery draw), or None."""
+    import ray
+
+    if config.get("validation") is None or rank != 0:
+        return None
+    from components.evaluation import load_test_set
+
+    return load_test_set(ray.get(config["validation"]), 1, source="the validation hold-out")
 
 
 def report_epoch(trainer, metrics: dict, rank: int, saved: str | None) -> str | None:
@@ -235,21 +261,3 @@ def report_stop(message: str, epoch: int, rank: int, saved: str | None) -> None:
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
     shutil.rmtree(folder, ignore_errors=True)
 
-
-def worker_precision(model, loader, phase: str, device, requested: str) -> str:
-    """train.precision on this worker's device; bf16 on a CPU only where it matches fp32 on the model's
-    own layers and one real batch's shapes (components.precision)."""
-    from components.models.pri import PRI
-    from components.precision import bf16_fault, checked_precision, layer_inputs
-    from components.models import unwrap
-
-    net = unwrap(model)
-
-    def forward():
-        batch = next(iter(loader)).to(device)
-        if isinstance(net, PRI):
-            return net(batch, mode=phase, generator=torch.Generator().manual_seed(0))
-        x = torch.cat([batch.x_h, batch.x_h])  # FFSR and RIFE see 2B images of the HR size
-        return net.ffsr(x, tuple(batch.x_h.shape[-2:])), net.rife(x)
-
-    return checked_precision(device, requested, lambda: bf16_fault(layer_inputs(net, forward), device))

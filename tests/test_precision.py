@@ -105,31 +105,33 @@ def test_broken_bf16_is_found_named_and_avoided(pri_and_batch, broken_bf16, capl
     assert P.checked_precision(CPU, "fp32", lambda: pytest.fail("fp32 needs no check")) == "fp32"
 
 
-def test_the_ray_workers_precision_check_falls_back(broken_bf16, monkeypatch):
-    """The Train worker's own check (one real batch of its loader) on PRI and on FFSR + RIFE."""
+def test_the_trainers_precision_check_falls_back(broken_bf16, monkeypatch):
+    """The check a Train worker runs (one real batch of its loader) on PRI and on FFSR + RIFE."""
+    from components.config import DegradeParams, FFSRParams, RIFEParams, validate_params
     from components.data.dataset import make_train_loader
-    from components.models.ffsr_rife import FFSRRIFE
-    from components.models.pri import build_pri
-    from pipelines.ray_train import worker_precision
-    from tests.conftest import make_canonical
-
-    from components.config import DegradeParams
     from components.data.protocols import degrade
     from components.data.splits import split_identities
+    from components.training.trainers import make_trainer
+    from tests.conftest import make_canonical
 
     monkeypatch.setattr(P, "_cpu_runs_bf16", lambda: True)
     deg = degrade(make_canonical(n_ids=5, per_cam=2), DegradeParams(hr_height=32, hr_width=16, scales=[2, 4]),
                   progress=False).table
     res = split_identities(deg, n_test=1, repeats=1, seed=0)
     loader = make_train_loader(res.table, res.pairs, scales=[1, 2, 3, 4], P=4, K=2, flip_p=0.5, seed=0)
-    m = tiny_model_params()
-    for model, phase in ((build_pri(m, 4, with_predictor=True), "joint"), (FFSRRIFE(m.model_copy(update={
-            "ffsr": m.ffsr.model_copy(update={"channels": 4})}), 4), "pretrain")):
-        assert worker_precision(model, loader, phase, CPU, "auto") == "fp32"
+    m = tiny_model_params(ffsr=FFSRParams(channels=4), rife=RIFEParams(feature_dim=16, weight_hidden=8))
+
+    def trainer(kind: str, phase: str):
+        params = validate_params({"model": m.model_dump(mode="json"), "train": {"model": kind},
+                                  "degrade": {"hr_height": 32, "hr_width": 16}})
+        return make_trainer(params, phase, loader, device=CPU)
+
+    for kind, phase in (("pri", "joint"), ("ffsr_rife", "pretrain")):
+        assert trainer(kind, phase).check_precision("auto") == "fp32"
         with pytest.raises(P.PrecisionError, match="is broken on this CPU"):
-            worker_precision(model, loader, phase, CPU, "bf16")
+            trainer(kind, phase).check_precision("bf16")
     faults.sound_bf16()
-    assert worker_precision(build_pri(m, 4), loader, "pretrain", CPU, "auto") == "bf16"
+    assert trainer("pri", "pretrain").check_precision("auto") == "bf16"
 
 
 def test_inference_never_runs_bf16(broken_bf16, pri_and_batch):

@@ -32,6 +32,7 @@ import torch.nn as nn
 from components.config import Params
 from components.models import build_model, unwrap
 from components.optim import OptimSpec, make_optimizer, pri_spec, set_epoch_lr, step_spec
+from components.precision import bf16_fault, checked_precision, layer_inputs
 from components.soft_label import LabelBank
 from components.training.ffsr_rife import run_ffsr_rife_epoch
 from components.training.labels import refresh_label_bank, tracked_scales
@@ -101,6 +102,10 @@ class Trainer:
     def _run_epoch(self, epoch: int, precision: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def _sample_forward(self, batch) -> object:
+        """One forward of the trained model on a training batch (the bf16 check's layer shapes)."""
+        raise NotImplementedError
+
     def validate(self, validation) -> dict[str, float]:
         """Rank-1 and mAP (%) on a validation set (components/evaluation.py)."""
         raise NotImplementedError
@@ -117,6 +122,17 @@ class Trainer:
 
     def _optimizer(self, step: str) -> torch.optim.Optimizer:
         return make_optimizer(self._trained(step), step_optim(self.params, step))
+
+    def check_precision(self, requested: str) -> str:
+        """train.precision on this trainer's device; bf16 on a CPU only where it matches fp32 on the
+        model's own layers and one real batch's shapes (components/precision.py; raises its
+        PrecisionError where bf16 was asked for and is broken). The batch is drawn only if a check runs."""
+        net = unwrap(self.model)
+
+        def forward():
+            return self._sample_forward(next(iter(self.loader)).to(self.device))
+
+        return checked_precision(self.device, requested, lambda: bf16_fault(layer_inputs(net, forward), self.device))
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint: its step's optimiser, then model, optimiser, bank, RNG, generator."""
@@ -168,6 +184,9 @@ class PRITrainer(Trainer):
                                 device=self.device, precision=precision, generator=self.generator)
         return {**metrics, **extra}
 
+    def _sample_forward(self, batch) -> object:
+        return unwrap(self.model)(batch, mode=self.phase, generator=torch.Generator().manual_seed(0))
+
     def validate(self, validation) -> dict[str, float]:
         from components.evaluation import validate
 
@@ -201,6 +220,10 @@ class FFSRRIFETrainer(Trainer):
         return run_ffsr_rife_epoch(self.ffsr, self.rife, self.loader, self.state.optimizer, step=self.step,
                                    epoch=epoch, loss=p.loss, device=self.device, precision=precision,
                                    hr_width=p.degrade.hr_width, sigma=p.model.ffsr.sigma)
+
+    def _sample_forward(self, batch) -> object:
+        net, x = unwrap(self.model), torch.cat([batch.x_h, batch.x_h])  # FFSR and RIFE see 2B HR-size images
+        return net.ffsr(x, tuple(batch.x_h.shape[-2:])), net.rife(x)
 
     def validate(self, validation) -> dict[str, float]:
         from components.evaluation import validate_ffsr_rife
