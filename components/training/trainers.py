@@ -8,6 +8,7 @@ state. A driver (the Ray Train worker, a bench) only loops::
 
     trainer = make_trainer(params, phase, loader, device=device)
     trainer.resume(path)                                   # optional: a checkpoint
+    precision = trainer.check_precision("auto")            # bf16 only where it matches fp32
     for epoch in range(trainer.next_epoch, trainer.epochs):
         metrics = trainer.train_epoch(epoch, precision)
         metrics.update(trainer.validate(validation))       # optional
