@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from components.config import Params, load_params, merge, validate_params
+from components.config import Params, available_cpus, load_params, merge, validate_params
 from components.data import table as T
 from components.data.dataset import make_train_loader
 from components.models.pri import build_pri
@@ -75,7 +75,7 @@ def warm_up(params: Params, loader, precision: str) -> None:
 
 def bench_labels(params: Params, table, pairs) -> list[str]:
     """Cached label bank vs naive per-step labels: one joint epoch each from the same weights."""
-    torch.set_num_threads(int(params.train.cpus_per_worker))
+    torch.set_num_threads(params.train.local_cpus())
     device = torch.device("cpu")
     precision = resolve_precision(device, params.train.precision)
     loader = loader_for(params, table, pairs)
@@ -118,7 +118,7 @@ def bench_labels(params: Params, table, pairs) -> list[str]:
 def plain_epoch(params: Params, table, pairs) -> dict:
     """One pretraining epoch in this process (the worker's loop without Ray)."""
     start = time.perf_counter()
-    torch.set_num_threads(int(params.train.cpus_per_worker))
+    torch.set_num_threads(params.train.local_cpus())
     t = params.train
     torch.manual_seed(t.seed)
     loader = loader_for(params, table, pairs)
@@ -209,10 +209,12 @@ def main() -> None:
                        f"{100 * (ray1['wall_seconds'] / plain['wall_seconds'] - 1):+.1f}% wall time")
             out.append("")
         if "workers" in args.what:
-            one = ray_epoch(params, table, pairs, num_workers=1, cpus_per_worker=2, work=work)
-            two = ray_epoch(params, table, pairs, num_workers=2, cpus_per_worker=1, work=work)
-            out += ["### One pretraining epoch: 1 worker x 2 CPUs vs 2 workers x 1 CPU (DDP, gloo)", ""] + HEADER
-            out += [row("1 worker x 2 CPUs", one), row("2 workers x 1 CPU", two), ""]
+            n = available_cpus()  # train.cpus_per_worker: auto gives one worker all of them
+            one = ray_epoch(params, table, pairs, num_workers=1, cpus_per_worker=n, work=work)
+            two = ray_epoch(params, table, pairs, num_workers=2, cpus_per_worker=max(1, n // 2), work=work)
+            out += [f"### One pretraining epoch: 1 worker x {n} CPUs vs 2 workers x {max(1, n // 2)} CPUs "
+                    "(DDP, gloo)", ""] + HEADER
+            out += [row(f"1 worker x {n} CPUs", one), row(f"2 workers x {max(1, n // 2)} CPUs", two), ""]
             out.append(f"epoch time 2 workers / 1 worker: {two['epoch_seconds'] / one['epoch_seconds']:.2f}x")
     print("\n".join(out))
 

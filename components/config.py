@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from pathlib import Path
+import os
 from typing import Any, Literal
 
 import yaml
@@ -218,18 +219,44 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0)  # L2 on every parameter (paper: not stated)
     pretrain_epochs: int = Field(4, ge=1)  # T1 (paper: 20; CAVIAR 60)
     epochs: int = Field(4, ge=1)  # T2 (paper: 60; CAVIAR 140)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native, sound and faster
     label_refresh: Literal["cached", "naive"] = "cached"  # label bank every omega epochs, or every step
     track_images: int = Field(4, ge=0)  # training images whose r_p is logged every joint epoch (PRI Fig. 3)
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(2, gt=0)  # also the torch threads of each worker
+    # CPUs (and torch threads) of each worker; auto: the machine's / cluster's CPUs shared among the workers
+    cpus_per_worker: float | Literal["auto"] = "auto"
     gpus_per_worker: float = Field(1, ge=0)  # used when use_gpu
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker
     max_failures: int = Field(1, ge=-1)  # FailureConfig: worker failures to recover from
     storage_path: str = "ray_results"  # Ray checkpoints; on a cluster: shared (NFS path, s3://...)
     ray_address: str | None = None  # join this cluster (RAY_ADDRESS overrides); null: local Ray
 
+
+    @field_validator("cpus_per_worker", mode="before")
+    @classmethod
+    def _cpus(cls, v):
+        if v == "auto":
+            return v
+        try:
+            cpus = float(v)
+        except (TypeError, ValueError):
+            cpus = math.nan
+        if not cpus > 0:
+            raise ValueError("use 'auto' or a number of CPUs above 0 (e.g. 2)")
+        return cpus
+
+    def local_cpus(self) -> int:
+        """cpus_per_worker as a whole number on this machine alone (benches, a process without Ray):
+        "auto" is the CPUs this process may use, shared among num_workers."""
+        if self.cpus_per_worker == "auto":
+            return max(1, available_cpus() // self.num_workers)
+        return max(1, int(self.cpus_per_worker))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 class StepParams(_Section):
     """One training step of FFSR + RIFE: its length, optimiser and step-decay schedule (FFSR paper Sec. 5.2)."""

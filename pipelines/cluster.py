@@ -1,7 +1,8 @@
 """Ray: joining a cluster or starting a local instance, and checking that the workers fit.
 
 :func:`connect` joins ``RAY_ADDRESS`` / ``train.ray_address`` or starts a fresh local
-Ray; :func:`check_resources` fails before training when the requested workers cannot
+Ray; :func:`resolve_cpus` turns ``train.cpus_per_worker: auto`` into the CPUs each worker
+gets there; :func:`check_resources` fails before training when the requested workers cannot
 be placed; :func:`storage_root` turns ``train.storage_path`` into the root Ray Train
 and Tune write to (a URI as it is, a local folder absolute).
 """
@@ -100,6 +101,30 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                          f"{timeout:g} s ({exc}); start it with `ray start --head` or fix the address") from None
 
 
+def _alive(nodes: list[dict] | None) -> list[dict]:
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    return [n for n in nodes if n.get("Alive")]
+
+
+def resolve_cpus(params: Params, nodes: list[dict] | None = None, *, groups: int = 1) -> Params:
+    """``params`` with train.cpus_per_worker "auto" made a number: the connected cluster's CPUs
+    shared evenly among the workers of ``groups`` runs at once (a search's concurrent trials), at
+    most one node's, and only as many as still let every worker be placed (on one machine with
+    one worker: all its cores). A number is kept as it is. ``nodes``: ``ray.nodes()``-style dicts."""
+    t = params.train
+    if t.cpus_per_worker != "auto":
+        return params
+    cpus = [n["Resources"].get("CPU", 0) for n in _alive(nodes)] or [0]
+    workers = t.num_workers * groups
+    per = max(1, int(min(sum(cpus) // workers, max(cpus))))
+    while per > 1 and sum(int(c // per) for c in cpus) < workers:
+        per -= 1
+    return params.model_copy(update={"train": t.model_copy(update={"cpus_per_worker": float(per)})})
+
+
 def check_resources(params: Params, nodes: list[dict] | None = None) -> int:
     """Fail before training when the workers cannot be placed (instead of waiting forever);
     returns how many such workers the cluster holds at once.
@@ -108,11 +133,8 @@ def check_resources(params: Params, nodes: list[dict] | None = None) -> int:
     if t.precision == "fp16" and not t.use_gpu:  # the workers would start, then fail in autocast
         raise StageError("train.precision = 'fp16' needs GPUs (train.use_gpu: true); on CPUs use 'auto', "
                          "'bf16' or 'fp32'")
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    nodes = [n for n in nodes if n.get("Alive")]
+    nodes = _alive(nodes)
+    t = resolve_cpus(params, nodes).train
     total = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
     if t.use_gpu and total["GPU"] < 1:
         raise StageError("train.use_gpu = true, but the Ray cluster has no GPU; set train.use_gpu: false "

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from components.config import Params
-from pipelines.cluster import check_resources, connect, storage_root
+from pipelines.cluster import check_resources, connect, resolve_cpus, storage_root
 from pipelines.common import StageError
 
 log = logging.getLogger("lrreid")
@@ -64,6 +64,7 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
 
     check_batch_fits(params, pairs)
     connect(params)
+    params = resolve_cpus(params)  # cpus_per_worker "auto": this cluster's CPUs among the workers
     check_resources(params)
     t = params.train
     storage_path = storage_path or t.storage_path
@@ -95,7 +96,7 @@ def fit(params: Params, *, phase: str, name: str, table: pa.Table, pairs: pa.Tab
             callbacks=callbacks,
         ),
     )
-    log.info("%s: %d worker(s), storage %s/%s", phase, t.num_workers, storage, name)
+    log.info("%s: %d worker(s) x %g CPU(s), storage %s/%s", phase, t.num_workers, t.cpus_per_worker, storage, name)
     result = trainer.fit()
     if result.error is not None:
         raise StageError(f"{phase} failed: {result.error}")
@@ -134,20 +135,26 @@ def train_loop_per_worker(config: dict) -> None:
 
     capped = guard_onednn()  # before this process's first convolution
     params = Params.model_validate(config["params"])
+    threads = set_threads(params)
     trainer, rank = worker_trainer(config, params)
     resumed = resume_from_train(trainer, rank)
     if capped and rank == 0:
         log.info("%s", capped)
     try:
-        precision = trainer.check_precision(params.train.precision)
+        choice = trainer.choose_precision(params.train.precision)
     except PrecisionError as exc:  # before training; the driver raises it as a StageError
         report_stop(str(exc), -1, rank, None)
         return
+    precision = choice.precision
+    if rank == 0:  # what the stage runs, and why: its log line, and (in every report) its MLflow tags
+        log.info("[%s] precision %s; %d torch thread(s) per worker x %d worker(s)", trainer.phase, choice,
+                 threads, params.train.num_workers)
+    run_info = {"precision": precision, "precision_reason": choice.reason, "torch_threads": threads}
     validation = validation_set(config, rank)
     train_start_unix = time.time()  # the first step is next: a search's scheduling overhead ends here
     if resumed and trainer.history:  # the checkpointed epoch's result once more, for a driver that
         # died before it got it (MLflow and Tune skip an epoch they have seen); this run's start time
-        ray.train.report({**trainer.history[-1], "train_start_unix": train_start_unix})
+        ray.train.report({**trainer.history[-1], **run_info, "train_start_unix": train_start_unix})
     saved = None  # rank 0: the folder of the last epoch's checkpoint (a stop report re-sends it)
     for epoch in range(trainer.next_epoch, trainer.epochs):
         start = time.perf_counter()
@@ -156,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
         except NonFiniteLossError as exc:  # stop now: a retry from the checkpoint would fail the same way
             report_stop(f"{exc} (precision {precision}); {NAN_HINT[precision]}", epoch, rank, saved)
             return
-        metrics.update(epoch=epoch, epochs_done=config.get("epoch_offset", 0) + epoch + 1,
+        metrics.update(run_info, epoch=epoch, epochs_done=config.get("epoch_offset", 0) + epoch + 1,
                        train_start_unix=train_start_unix, epoch_seconds=time.perf_counter() - start,
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         if validation is not None:  # rank 0 only: the others wait at the next step's all-reduce
@@ -165,6 +172,14 @@ def train_loop_per_worker(config: dict) -> None:
         saved = report_epoch(trainer, metrics, rank, saved)
     if saved:
         shutil.rmtree(saved, ignore_errors=True)
+
+
+def set_threads(params: Params) -> int:
+    """A CPU worker's torch threads: its train.cpus_per_worker (resolved from "auto" by the driver,
+    pipelines/cluster.py), at least one. A GPU worker keeps torch's default."""
+    if not params.train.use_gpu:
+        torch.set_num_threads(max(1, int(float(params.train.cpus_per_worker))))
+    return torch.get_num_threads()
 
 
 def worker_trainer(config: dict, params: Params):

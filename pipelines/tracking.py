@@ -117,6 +117,20 @@ def log_metrics(run_id: str, metrics: dict, step: int) -> None:
         client().log_batch(run_id, metrics=items)
 
 
+RUN_INFO = ("precision", "precision_reason", "torch_threads")  # what a Train worker chose (pipelines/ray_train.py)
+
+
+def tag_run_info(run_id: str, metrics: dict) -> bool:
+    """Set a run's tags from the run information of a worker's report (precision, why, torch
+    threads); False where the report has none."""
+    from mlflow.entities import RunTag
+
+    tags = [RunTag(k, str(metrics[k])[:5000]) for k in RUN_INFO if k in metrics]
+    if tags:
+        client().log_batch(run_id, tags=tags)
+    return bool(tags)
+
+
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     client().log_artifact(run_id, str(path), artifact_path)
 
@@ -143,12 +157,15 @@ def make_train_callback(run_id: str, uri: str):
         def __init__(self):
             self.run_id, self.uri = run_id, uri
             self.seen: set[int] | None = None
+            self.tagged = False
 
         def after_report(self, run_context, metrics, checkpoint):
             os.environ["MLFLOW_TRACKING_URI"] = self.uri
             if self.seen is None:  # epochs logged before a driver restart
                 self.seen = logged_epochs(self.run_id)
             m = dict(metrics[0])
+            if not self.tagged:  # precision, why, threads: the same in every report of the run
+                self.tagged = tag_run_info(self.run_id, m)
             rss = [w["peak_rss_mb"] for w in metrics if "peak_rss_mb" in w]
             if rss:
                 m["peak_rss_mb"] = max(rss)

@@ -125,6 +125,7 @@ def run_stage(params: Params, *, phase: str, split_dir: Path, out: Path, report:
     if phase == "joint" and params.train.model == "pri" and variant is None:  # the main model's Fig. 3
         write_r_p_history(history, Path(report).parent / "plots" / "r_p_history.csv")
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    summary.update({k: metrics[k] for k in tracking.RUN_INFO if k in metrics})  # precision and why, threads
     summary["wall_seconds"] = time.perf_counter() - started
     write_json(report, summary)
     tracking.log_artifact(run_id, report)

@@ -142,7 +142,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
     from components.data.splits import training_rows
     from components.fsutil import write_json
     from pipelines import tracking
-    from pipelines.cluster import connect, storage_root
+    from pipelines.cluster import connect, resolve_cpus, storage_root
 
     t = params.tune
     if params.train.model != "pri":
@@ -164,6 +164,7 @@ def search(params: Params, split_dir: Path, *, resume: bool = False) -> dict:
         raise StageError(f"a search named {t.name!r} exists at {path}: continue it with `lrreid tune --resume`, "
                          "or set another tune.name (or delete that folder)")
     connect(params)
+    params = resolve_cpus(params, groups=t.max_concurrent_trials)  # "auto": the CPUs shared among the trials
     check_concurrency(params)  # the workers of one trial must fit the cluster: fail now, not hang
     # the trials' base: joint epochs = tune.epochs; no tracked images (the search logs the metric only)
     base = merge(params.model_dump(mode="json"), {"train": {"epochs": t.epochs, "track_images": 0}})
@@ -260,7 +261,7 @@ def make_tune_callback(parent_run_id: str, max_epochs: int):
     never logs an epoch twice."""
     from ray import tune
 
-    from pipelines.tracking import logged_epochs, log_metrics, tracking_uri
+    from pipelines.tracking import logged_epochs, log_metrics, tag_run_info, tracking_uri
 
     uri = tracking_uri()
 
@@ -302,6 +303,7 @@ def make_tune_callback(parent_run_id: str, max_epochs: int):
             os.environ["MLFLOW_TRACKING_URI"] = self.uri
             if run_id not in self.seen:
                 self.seen[run_id] = logged_epochs(run_id, "epochs_done")
+                tag_run_info(run_id, result)  # a trial's first report of this driver: precision and threads
             step = int(result.get("epochs_done", -1))
             if step in self.seen[run_id]:
                 return

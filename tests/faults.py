@@ -9,12 +9,16 @@ on [24, 256, 2, 1], 2 of 30 calls).
 - ``break_bf16()``: every second bf16 convolution puts a NaN into its output. Also a Ray
   ``worker_process_setup_hook`` ("tests.faults.break_bf16") for Train workers.
 - ``sound_bf16()``: bf16 convolutions are computed in fp32 and rounded to bf16 (always sound).
+- ``slow_conv(precision, seconds)``: sound convolutions of which those at ``precision``
+  ("bf16" or "fp32") also wait ``seconds`` each: a CPU on which that precision is the slow one,
+  by a margin no machine's own speed can turn around.
 - ``restore()``: the real kernels again.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 import torch.nn as nn
@@ -49,6 +53,19 @@ def sound_bf16() -> None:
             return _original(self, x)
         with torch.autocast("cpu", enabled=False):
             return _original(self, x.float()).to(torch.bfloat16)
+
+    nn.Conv2d.forward = forward
+
+
+def slow_conv(precision: str, seconds: float = 0.02) -> None:
+    """Make every convolution at ``precision`` ("bf16" | "fp32") wait ``seconds`` (bf16 ones sound)."""
+    sound_bf16()
+    sound = nn.Conv2d.forward
+
+    def forward(self, x):
+        if _bf16_active(x) == (precision == "bf16"):
+            time.sleep(seconds)
+        return sound(self, x)
 
     nn.Conv2d.forward = forward
 

@@ -108,6 +108,7 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
     _, pre_meta = load_weights_file(workdir / "pre.pt")
     assert pre_meta["epochs"] == 3
     assert _epochs_logged(pre_meta["mlflow_run_id"]) == [0, 1, 2]  # no epoch counted twice after the restart
+    params = params.model_copy(update={"train": params.train.model_copy(update={"cpus_per_worker": "auto"})})
     joint = run_stage(params, phase="joint", split_dir=split_dir, out=workdir / "model.pt",
                       report=workdir / "train.json", init=workdir / "pre.pt")
     for key in ("L", "L_sr", "L_id", "L_tri", "L_p", "label_entropy", "samples_per_s", "lr_backbone"):
@@ -130,6 +131,10 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
     assert _epochs_logged(meta["mlflow_run_id"]) == [0, 1]
     assert run.data.params["train.epochs"] == "2" and "git_commit" in run.data.tags
     assert "data_dvc_md5" in run.data.tags and run.info.status == "FINISHED"
+    # what the worker ran and why: cpus_per_worker "auto" is the local Ray's 2 CPUs, 2 torch threads
+    assert run.data.tags["precision"] == "fp32" == report["precision"] and report["torch_threads"] == 2
+    assert run.data.tags["precision_reason"] == "train.precision: fp32 on cpu" and run.data.tags["torch_threads"] == "2"
+    assert client().get_run(pre_meta["mlflow_run_id"]).data.tags["torch_threads"] == "1"  # cpus_per_worker: 1
     # the validation curve: split.val_identities (2) held out of training, scored after every epoch
     assert pre_meta["num_classes"] == meta["num_classes"] == 8  # the split's 10 training ids minus 2
     assert [m.step for m in client().get_metric_history(meta["mlflow_run_id"], "val_rank1")] == [0, 1]
@@ -225,6 +230,25 @@ def test_workers_that_cannot_be_placed_fail_before_training(local_ray, tmp_path)
     with pytest.raises(StageError, match="no node has 2 GPUs \\(the most is 1\\)"):
         check_resources(tiny_params(tmp_path, use_gpu=True, gpus_per_worker=2), gpu_nodes)
     assert check_resources(tiny_params(tmp_path, use_gpu=True, num_workers=2, gpus_per_worker=1), gpu_nodes) == 2
+
+
+@pytest.mark.parametrize("nodes, workers, groups, per", [
+    ([2], 1, 1, 2),          # one laptop, one worker: all its cores
+    ([16], 1, 1, 16),
+    ([16], 2, 1, 8),         # two workers share the machine
+    ([16], 1, 3, 5),         # tune: three concurrent trials of one worker
+    ([16, 16], 2, 1, 16),    # a worker per node
+    ([16, 4], 2, 1, 8),      # 16 + 4 CPUs shared by 2: 10 each places only one; 8 fits both on the larger node
+    ([1], 4, 1, 1),          # never below one CPU (check_resources then names the shortage)
+])
+def test_auto_cpus_share_the_cluster_among_the_workers(tmp_path, nodes, workers, groups, per):
+    from pipelines.cluster import resolve_cpus
+
+    live = [{"Alive": True, "Resources": {"CPU": c}} for c in nodes] + [{"Alive": False, "Resources": {"CPU": 64}}]
+    params = tiny_params(tmp_path, cpus_per_worker="auto", num_workers=workers)
+    got = resolve_cpus(params, live, groups=groups).train.cpus_per_worker
+    assert got == per and (sum(int(c // got) for c in nodes) >= workers * groups or got == 1)
+    assert resolve_cpus(tiny_params(tmp_path, cpus_per_worker=3), live).train.cpus_per_worker == 3  # a number stays
 
 
 def test_a_nan_stop_reaches_the_driver_with_its_precision(local_ray, split_dir, workdir):

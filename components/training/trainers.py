@@ -8,9 +8,9 @@ state. A driver (the Ray Train worker, a bench) only loops::
 
     trainer = make_trainer(params, phase, loader, device=device)
     trainer.resume(path)                                   # optional: a checkpoint
-    precision = trainer.check_precision("auto")            # bf16 only where it matches fp32
+    choice = trainer.choose_precision("auto")              # bf16 only where native, sound and faster
     for epoch in range(trainer.next_epoch, trainer.epochs):
-        metrics = trainer.train_epoch(epoch, precision)
+        metrics = trainer.train_epoch(epoch, choice.precision)
         metrics.update(trainer.validate(validation))       # optional
         trainer.end_epoch(epoch, metrics)
         trainer.state.save(path)
@@ -33,7 +33,7 @@ import torch.nn as nn
 from components.config import Params
 from components.models import build_model, unwrap
 from components.optim import OptimSpec, make_optimizer, pri_spec, set_epoch_lr, step_spec
-from components.precision import bf16_fault, checked_precision, layer_inputs
+from components.precision import PrecisionChoice, bf16_fault, choose_precision, layer_inputs, step_rate
 from components.soft_label import LabelBank
 from components.training.ffsr_rife import run_ffsr_rife_epoch
 from components.training.labels import refresh_label_bank, tracked_scales
@@ -103,8 +103,9 @@ class Trainer:
     def _run_epoch(self, epoch: int, precision: str) -> dict[str, float]:
         raise NotImplementedError
 
-    def _sample_forward(self, batch) -> object:
-        """One forward of the trained model on a training batch (the bf16 check's layer shapes)."""
+    def _sample_forward(self, net: nn.Module, batch) -> object:
+        """One training forward of ``net`` (the model, or a copy) on a batch: the bf16 check's layer
+        shapes and the timed step."""
         raise NotImplementedError
 
     def validate(self, validation) -> dict[str, float]:
@@ -124,16 +125,27 @@ class Trainer:
     def _optimizer(self, step: str) -> torch.optim.Optimizer:
         return make_optimizer(self._trained(step), step_optim(self.params, step))
 
-    def check_precision(self, requested: str) -> str:
-        """train.precision on this trainer's device; bf16 on a CPU only where it matches fp32 on the
-        model's own layers and one real batch's shapes (components/precision.py; raises its
-        PrecisionError where bf16 was asked for and is broken). The batch is drawn only if a check runs."""
+    def choose_precision(self, requested: str) -> PrecisionChoice:
+        """train.precision on this trainer's device, and why (components/precision.py): on a CPU,
+        bf16 only where oneDNN runs it natively, it matches fp32 on the model's own layers at one
+        real batch's shapes, and a timed forward + backward of that batch is faster than in fp32
+        (raises PrecisionError where bf16 was asked for and is broken). The batch is drawn only if
+        a check runs."""
         net = unwrap(self.model)
+        batch = []
 
-        def forward():
-            return self._sample_forward(next(iter(self.loader)).to(self.device))
+        def sample():
+            if not batch:
+                batch.append(next(iter(self.loader)).to(self.device))
+            return batch[0]
 
-        return checked_precision(self.device, requested, lambda: bf16_fault(layer_inputs(net, forward), self.device))
+        def fault():
+            return bf16_fault(layer_inputs(net, lambda: self._sample_forward(net, sample())), self.device)
+
+        def rate(precision: str) -> float:
+            return step_rate(net, lambda m: self._sample_forward(m, sample()), len(sample()), self.device, precision)
+
+        return choose_precision(self.device, requested, fault=fault, rate=rate)
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint: its step's optimiser, then model, optimiser, bank, RNG, generator."""
@@ -185,8 +197,8 @@ class PRITrainer(Trainer):
                                 device=self.device, precision=precision, generator=self.generator)
         return {**metrics, **extra}
 
-    def _sample_forward(self, batch) -> object:
-        return unwrap(self.model)(batch, mode=self.phase, generator=torch.Generator().manual_seed(0))
+    def _sample_forward(self, net: nn.Module, batch) -> object:
+        return net(batch, mode=self.phase, generator=torch.Generator().manual_seed(0))
 
     def validate(self, validation) -> dict[str, float]:
         from components.evaluation import validate
@@ -222,8 +234,8 @@ class FFSRRIFETrainer(Trainer):
                                    epoch=epoch, loss=p.loss, device=self.device, precision=precision,
                                    hr_width=p.degrade.hr_width, sigma=p.model.ffsr.sigma)
 
-    def _sample_forward(self, batch) -> object:
-        net, x = unwrap(self.model), torch.cat([batch.x_h, batch.x_h])  # FFSR and RIFE see 2B HR-size images
+    def _sample_forward(self, net: nn.Module, batch) -> object:
+        x = torch.cat([batch.x_h, batch.x_h])  # FFSR and RIFE see 2B HR-size images
         return net.ffsr(x, tuple(batch.x_h.shape[-2:])), net.rife(x)
 
     def validate(self, validation) -> dict[str, float]:
