@@ -11,7 +11,8 @@ nothing is downloaded.
 
 Inputs:  --images: a local folder of .jpg / .png / .bmp images (searched recursively)
 Outputs: --out: FFSR's weights ({"format", "state_dict", "meta"}, written atomically)
-Params:  model.ffsr.channels, degrade.scales (the factors drawn), train.seed
+Params:  model.ffsr.channels, degrade.scales (the factors drawn), train.seed,
+         train.cpus_per_worker (its torch threads; auto: this machine's CPUs)
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> None:
         bar.update(1)
         bar.set_postfix(mse=f"{loss:.5f}")
 
+    torch.set_num_threads(params.train.local_cpus())
+    log.info("pretrain-ffsr: precision fp32 (MSE pretraining runs without autocast); %d torch thread(s)",
+             torch.get_num_threads())
     torch.manual_seed(params.train.seed)
     result = pretrain_ffsr(ffsr, files, steps=args.steps, batch_size=args.batch_size, patch=args.patch,
                            scales=list(params.degrade.scales), lr=args.lr, seed=params.train.seed, progress=progress)
