@@ -6,7 +6,8 @@ probe is recovered at every alternative scale r_i and compared with all HR image
 the same identities: d_i = distance to the nearest true match, and rank-1 per scale.
 Prints rank-1 per fixed scale, the oracle (any scale ranks a true match first), P's
 choice, and for slices of the probes (true down-sampling factor, LR camera, the
-synthetic generator's attributes) the histogram of argmin_i d_i and rank-1 per scale:
+synthetic generator's attributes, the LR sensor noise of degrade.lr_noise) the histogram of
+argmin_i d_i (and of P's r_p) and rank-1 per scale:
 if the best scale depended on image content, some slice would prefer another scale.
 Last, how much d varies across scales relative to d itself.
 
@@ -26,6 +27,7 @@ import torch
 from components.config import load_params
 from components.data import table as T
 from components.data.dataset import SizeGroups
+from components.data.protocols import noise_sigma
 from components.data.splits import training_rows
 from components.data.synthetic import identity_attributes
 from components.evaluation import decode_images
@@ -54,6 +56,32 @@ def slice_table(name, values, best, hit):
     for v in sorted(counts, key=str):
         print(f"  {str(v):>10}: n={counts[v].sum():4d}  {counts[v].tolist()}  "
               f"{(np.mean(hits[v], 0) * 100).round(0).tolist()}")
+
+
+def scale_gain_by_level(levels, hit, pids, resamples: int = 10000) -> None:
+    """Rank-1 at the largest scale minus at r = 1, per content level, and its contrast between the
+    highest and the lowest level (does the better scale depend on the content?), with 95% intervals
+    from an identity bootstrap (the probes of one identity resampled together)."""
+    levels, pids = np.asarray(levels), np.asarray(pids)
+    gain = hit[:, -1].astype(float) - hit[:, 0]
+    ids = np.unique(pids)
+    rng = np.random.default_rng(0)
+    draws = [np.concatenate([np.flatnonzero(pids == i) for i in rng.choice(ids, len(ids))]) for _ in range(resamples)]
+
+    def stat(idx, level):
+        keep = idx[levels[idx] == level]
+        return gain[keep].mean() * 100 if len(keep) else np.nan
+
+    lo, hi = min(levels), max(levels)
+    print("rank-1 at the largest scale - at r = 1 (points), 95% identity-bootstrap interval:")
+    for level in sorted(set(levels.tolist())):
+        boot = [stat(d, level) for d in draws]
+        print(f"  level {level:g}: {stat(np.arange(len(gain)), level):+.1f} "
+              f"[{np.nanquantile(boot, 0.025):+.1f}, {np.nanquantile(boot, 0.975):+.1f}]")
+    full = np.arange(len(gain))
+    boot = [stat(d, hi) - stat(d, lo) for d in draws]
+    print(f"  level {hi:g} - level {lo:g}: {stat(full, hi) - stat(full, lo):+.1f} "
+          f"[{np.nanquantile(boot, 0.025):+.1f}, {np.nanquantile(boot, 0.975):+.1f}]")
 
 
 def main() -> None:
@@ -92,6 +120,12 @@ def main() -> None:
     slice_table("true down-sampling factor", true_r, best, hit)
     slice_table("LR camera", cams, best, hit)
     slice_table("factor / camera", [f"{r:g}/c{c}" for r, c in zip(true_r, cams)], best, hit)
+    if params.degrade.lr_noise:  # the LR camera's sensor noise (degrade.lr_noise): a content feature apart from r
+        sigma = [noise_sigma(params.degrade, i) for i in query[T.IMAGE_ID].to_pylist()]
+        slice_table("LR sensor noise sigma", sigma, best, hit)
+        slice_table("noise sigma / factor", [f"{s:g}/x{r:g}" for s, r in zip(sigma, true_r)], best, hit)
+        slice_table("P's choice r_p, by noise sigma", sigma, chosen, hit)
+        scale_gain_by_level(sigma, hit, q_pids)
     if params.data.layout == "synthetic":
         attrs = {a["pid"]: a for a in identity_attributes(params.data.synthetic.seed, params.data.synthetic.identities)}
         for key in ("pattern", "period", "logo", "top"):

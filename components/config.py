@@ -90,6 +90,16 @@ class DegradeParams(_Section):
     scales: list[float] = [2, 3, 4]  # MLR down-sampling factors r, drawn uniformly
     width_range: tuple[int, int] = (8, 32)  # VR: target width drawn from [lo, hi)
     lr_camera: int | Literal["auto"] = "auto"  # genuine: the LR camera; auto = smaller images
+    # sensor noise of the LR camera: Gaussian sigma (8-bit levels) added to an LR image after its
+    # down-sampling, one level drawn uniformly per image, independent of r; [] = none
+    lr_noise: list[float] = []
+
+    @field_validator("lr_noise")
+    @classmethod
+    def _lr_noise(cls, v):
+        if any(not (0 <= s <= 128) for s in v):
+            raise ValueError("sigmas in [0, 128] (8-bit levels), e.g. [0, 8, 24]; [] for no noise")
+        return v
 
     @field_validator("scales")
     @classmethod

@@ -6,7 +6,7 @@ Outputs: data/degraded.parquet (canonical columns + role 'hr'|'lr', scale,
          (with another --out, x.parquet: the report goes next to it, x.json)
 Params:  degrade.protocol (mlr | vr | genuine), degrade.seed, degrade.hr_height,
          degrade.hr_width, degrade.scales (MLR), degrade.width_range (VR),
-         degrade.lr_camera (genuine)
+         degrade.lr_camera (genuine), degrade.lr_noise (LR sensor noise)
 Identities seen by one camera only are dropped and counted (MLR, genuine).
 """
 
@@ -46,6 +46,12 @@ def run(args: argparse.Namespace) -> None:
     }
     if params.degrade.protocol == "mlr":
         report["lr_images_per_scale"] = {f"x{s:g}": n for s, n in sorted(lr_scales.items())}
+    if params.degrade.lr_noise:
+        from components.data.protocols import noise_sigma
+
+        sigmas = Counter(noise_sigma(params.degrade, i) for i, r in zip(out[T.IMAGE_ID].to_pylist(),
+                                                                        out[T.ROLE].to_pylist()) if r == "lr")
+        report["lr_images_per_noise_sigma"] = {f"{s:g}": n for s, n in sorted(sigmas.items())}
     write_json(report_path(args, DEGRADED, "degrade.json"), report)
     for note in result.notes:
         log.info(note)

@@ -127,3 +127,41 @@ def test_split_seed_changes_identities_and_is_reproducible():
 def test_split_larger_than_identities_names_the_key():
     with pytest.raises(SplitError, match=r"split.test_identities = 10 .* at most 9"):
         _mlr_split(n_ids=10, n_test=10)
+
+
+def test_lr_sensor_noise_is_drawn_per_image_apart_from_r_and_only_on_lr(monkeypatch):
+    """degrade.lr_noise: each LR image gets one sigma, from (seed, image id) alone; HR images and
+    r's draw are as without noise; the noise has the sigma asked for; the bytes are reproducible."""
+    import numpy as np
+
+    from components import images
+    from components.data.protocols import noise_sigma
+
+    canonical = make_canonical(n_ids=40, per_cam=3, size=(64, 32), seed=1)
+    clean_p = DegradeParams(hr_height=64, hr_width=32, scales=[2, 4])
+    noisy_p = DegradeParams(hr_height=64, hr_width=32, scales=[2, 4], lr_noise=[0, 24])
+    clean, noisy = (degrade(canonical, p, progress=False) for p in (clean_p, noisy_p))
+    assert noisy.table.drop_columns([T.IMAGE]).equals(clean.table.drop_columns([T.IMAGE]))  # r, sizes, roles
+    assert any("LR sensor noise (sigma: images): 0: " in n and ", 24: " in n for n in noisy.notes)
+    cells, diffs = Counter(), []
+    for a, b in zip(clean.table.to_pylist(), noisy.table.to_pylist()):
+        x, y = (images.decode(r[T.IMAGE], r[T.IMAGE_ID]).astype(float) for r in (a, b))
+        sigma = noise_sigma(noisy_p, b[T.IMAGE_ID])
+        if b[T.ROLE] == "hr" or sigma == 0:
+            assert np.array_equal(x, y)
+        else:
+            diffs.append((y - x).ravel())
+        if b[T.ROLE] == "lr":
+            cells[(b[T.SCALE], sigma)] += 1
+    assert set(cells) == {(2.0, 0.0), (2.0, 24.0), (4.0, 0.0), (4.0, 24.0)}  # every level at every r
+    pooled = np.concatenate(diffs)  # thousands of values: the sample std is within ~1 of sigma
+    assert len(pooled) > 2000 and 20 < pooled.std() < 25.5  # 24, less what clipping at 0 / 255 takes
+    assert degrade(canonical, noisy_p, progress=False).table.equals(noisy.table)
+    assert noise_sigma(clean_p, "0001_c1_00") == 0.0
+
+
+def test_lr_noise_params_are_checked():
+    from components.config import ParamsError, validate_params
+
+    with pytest.raises(ParamsError, match="degrade.lr_noise"):
+        validate_params({"degrade": {"lr_noise": [0, -3]}})

@@ -116,6 +116,14 @@ def test_ingest_and_degrade_with_out_leave_the_pipeline_reports_alone(tmp_path, 
     assert main(["degrade", "--no-progress", "--input", "trial/canonical.parquet", "--out", "trial/lr2.parquet",
                  "--report", "trial/mine.json"]) == 0
     assert (tmp_path / "trial" / "mine.json").is_file() and not (tmp_path / "trial" / "lr2.json").exists()
+    params["degrade"]["lr_noise"] = [0, 16]  # the LR sensor noise: its levels counted in the report
+    (tmp_path / "noisy.yaml").write_text(yaml.safe_dump(params))
+    assert main(["degrade", "--no-progress", "--params", "noisy.yaml", "--input", "trial/canonical.parquet",
+                 "--out", "trial/noisy.parquet"]) == 0
+    noisy = json.loads((tmp_path / "trial" / "noisy.json").read_text())
+    assert set(noisy["lr_images_per_noise_sigma"]) <= {"0", "16"}
+    assert sum(noisy["lr_images_per_noise_sigma"].values()) == noisy["lr_images"] > 0
+    assert "lr_images_per_noise_sigma" not in json.loads((tmp_path / "trial" / "lr.json").read_text())
     assert os.listdir(tmp_path / "reports") == ["ingest.json"]
     assert (tmp_path / "reports" / "ingest.json").read_text() == "{}"
 

@@ -11,14 +11,22 @@
 
 Identities seen by one camera only cannot form an HR/LR pair: they are dropped
 and counted, as the papers do (PRI Sec. 4.1: "we discard 22 identities...").
+
+``degrade.lr_noise`` (off by default) adds the LR camera's sensor noise to every LR
+image after its down-sampling: Gaussian, sigma drawn uniformly per image from the
+list by :func:`noise_sigma`, a pure function of (degrade.seed, image id), so the
+level is independent of r and any later analysis can recompute it. It gives probes
+content that decides which recovery scale suits them (PRI Fig. 1): G learns L_sr on
+clean x_sl, so a large scale turns noise into false detail.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +59,8 @@ class _Job:
     r: float  # down-sampling factor after normalisation (1 = none)
     width: int | None = None  # VR: explicit target width
     ref_height: int | None = None  # genuine LR: scale is estimated as ref_height / height
+    noise: float = 0.0  # sigma of the sensor noise added after down-sampling (degrade.lr_noise)
+    noise_seed: tuple[int, ...] = ()
 
 
 def _identity_cameras(table: pa.Table) -> dict[int, list[int]]:
@@ -142,6 +152,34 @@ def _genuine_jobs(table: pa.Table, p: DegradeParams, notes: list[str]) -> list[_
     return jobs
 
 
+def _image_key(image_id: str) -> int:
+    return zlib.crc32(image_id.encode())  # stable across processes and machines (unlike hash())
+
+
+def noise_sigma(p: DegradeParams, image_id: str) -> float:
+    """The sensor-noise sigma of LR image ``image_id`` (0 without degrade.lr_noise): one uniform
+    draw from degrade.lr_noise seeded by (degrade.seed, the image id), apart from r's draw."""
+    if not p.lr_noise:
+        return 0.0
+    rng = np.random.default_rng([p.seed, _NOISE_TAG, _image_key(image_id)])
+    return float(p.lr_noise[int(rng.integers(len(p.lr_noise)))])
+
+
+_NOISE_TAG = 7  # the noise streams' first integer after the seed
+
+
+def _with_noise(jobs: list[_Job], p: DegradeParams) -> list[_Job]:
+    """The LR jobs with their sensor-noise sigma and seed (degrade.lr_noise)."""
+    return [replace(j, noise=noise_sigma(p, j.image_id), noise_seed=(p.seed, _NOISE_TAG + 1, _image_key(j.image_id)))
+            if j.role == "lr" else j for j in jobs]
+
+
+def add_noise(x: np.ndarray, sigma: float, seed) -> np.ndarray:
+    """x (uint8) + Gaussian noise of ``sigma`` levels, rounded and clipped to [0, 255]."""
+    noise = np.random.default_rng(list(seed)).normal(0.0, sigma, size=x.shape)
+    return np.clip(np.rint(x.astype(np.float64) + noise), 0, 255).astype(np.uint8)
+
+
 def _apply(job: _Job, data: bytes, source: str) -> tuple[bytes, int, int, float]:
     """Decode, normalise, down-sample and re-encode one image; returns (png, h, w, scale)."""
     x = images.decode(data, source)
@@ -158,6 +196,8 @@ def _apply(job: _Job, data: bytes, source: str) -> tuple[bytes, int, int, float]
         x = images.downsample(x, job.r)
     elif job.ref_height is not None:  # genuine LR: factor w.r.t. the canonical HR height
         scale = job.ref_height / orig_h
+    if job.noise > 0:  # the LR camera's sensor noise, after down-sampling: its level does not depend on r
+        x = add_noise(x, job.noise, job.noise_seed)
     return images.encode_png(x), x.shape[0], x.shape[1], float(scale)
 
 
@@ -176,6 +216,7 @@ def degrade(table: pa.Table, p: DegradeParams, *, progress: bool = True) -> Degr
         jobs = _vr_jobs(table, p)
     else:
         jobs = _genuine_jobs(table, p, notes)
+    jobs = _with_noise(jobs, p)
     col_image = table[T.IMAGE]
     sources = table[T.SOURCE_PATH].to_pylist()
 
@@ -207,4 +248,7 @@ def degrade(table: pa.Table, p: DegradeParams, *, progress: bool = True) -> Degr
     roles = Counter(out[T.ROLE].to_pylist())
     notes.append(f"{roles.get('hr', 0)} HR and {roles.get('lr', 0)} LR images "
                  f"of {len(set(out[T.PERSON_ID].to_pylist()))} identities")
+    if p.lr_noise:
+        levels = Counter(j.noise for j in jobs if j.role == "lr")
+        notes.append("LR sensor noise (sigma: images): " + ", ".join(f"{s:g}: {n}" for s, n in sorted(levels.items())))
     return DegradeResult(out, dict(dropped), notes)
