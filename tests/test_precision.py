@@ -201,10 +201,10 @@ def test_the_trainers_choice_falls_back(broken_bf16, native):
 
 @pytest.mark.parametrize("slow", ["fp32", "bf16"])
 def test_the_trainers_timed_step_decides(native, slow):
-    """Sound bf16 on both families; the precision whose convolutions wait 20 ms each (dozens per
+    """Sound bf16 on both families; the precision whose convolutions wait 5 ms each (dozens per
     step, against a few ms of this tiny model's compute) is the one "auto" leaves."""
     try:
-        faults.slow_conv(slow, seconds=0.02)
+        faults.slow_conv(slow, seconds=0.005)
         for kind, phase in (("pri", "pretrain"), ("ffsr_rife", "joint")):
             choice = _trainer(kind, phase).choose_precision("auto")
             assert choice.precision == ("bf16" if slow == "fp32" else "fp32"), choice
