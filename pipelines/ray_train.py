@@ -130,7 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
     from Train's checkpoint, then one report (rank 0: with a checkpoint) per epoch."""
     import ray.train
 
-    from components.precision import PrecisionError, guard_onednn
+    from components.precision import PrecisionError, agree_across_ranks, guard_onednn
     from components.training import NonFiniteLossError
 
     capped = guard_onednn()  # before this process's first convolution
@@ -141,9 +141,12 @@ def train_loop_per_worker(config: dict) -> None:
     if capped and rank == 0:
         log.info("%s", capped)
     try:
-        choice = trainer.choose_precision(params.train.precision)
-    except PrecisionError as exc:  # before training; the driver raises it as a StageError
-        report_stop(str(exc), -1, rank, None)
+        choice, error = trainer.choose_precision(params.train.precision), None
+    except PrecisionError as exc:
+        choice, error = None, str(exc)
+    choice, error = agree_across_ranks(choice, error)  # every rank the same precision, or the same stop
+    if error is not None:  # before training; the driver raises it as a StageError
+        report_stop(error, -1, rank, None)
         return
     precision = choice.precision
     if rank == 0:  # what the stage runs, and why: its log line, and (in every report) its MLflow tags

@@ -222,3 +222,39 @@ def test_inference_never_runs_bf16(broken_bf16, pri_and_batch):
     gallery = pri.embed_gallery(batch.x_h)
     for t in (feats, probs, gallery, pri.embed_all_scales(batch.x_l)):
         assert t.dtype == torch.float32 and bool(torch.isfinite(t).all())
+
+
+def _agree(rank: int, world: int, init: str, asked: list, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        precision, error = asked[rank]
+        choice = None if error else P.PrecisionChoice(precision, f"rank {rank}")
+        got, err = P.agree_across_ranks(choice, error)
+        out.put((rank, got.precision if got else None, err))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("asked, expected", [
+    ([("bf16", None), ("fp32", None)], [("fp32", False), ("fp32", False)]),   # fp32 where any rank chose it
+    ([("bf16", None), ("bf16", None)], [("bf16", False), ("bf16", False)]),
+    ([(None, "bf16 is broken (Conv2d ...)"), ("bf16", None)], [(None, True), (None, True)]),  # both stop
+])
+def test_ranks_agree_on_the_precision(tmp_path, asked, expected):
+    """Two real gloo ranks (processes): each decided on its own CPU; they train alike or stop alike."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(r, 2, f"file://{tmp_path}/pg", asked, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (prec, err)) for r, prec, err in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    for rank, (precision, stops) in enumerate(expected):
+        got, err = results[rank]
+        assert got == precision and (err is not None) == stops, results
+    assert P.agree_across_ranks(P.PrecisionChoice("bf16", "one worker"), None)[0].precision == "bf16"  # no group
