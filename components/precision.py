@@ -21,8 +21,8 @@ whether it is worth it.
 - :func:`choose_precision` puts them together into a :class:`PrecisionChoice` (the precision
   and one line saying why): "auto" on a CPU is bf16 only where it is native, sound and
   measured faster than fp32; an explicit "bf16" that is broken is a :class:`PrecisionError`
-  naming the fault and the fix. Under torch.distributed, :func:`agree_across_ranks` makes
-  every rank run the same precision (fp32 where any rank chose it) or stop together.
+  naming the fault and the fix. Under torch.distributed, the ranks agree on it
+  (components/training/engine.py: ``agree_on_precision``).
 """
 
 from __future__ import annotations
@@ -314,27 +314,3 @@ def choose_precision(device, requested: str, *, fault: Callable[[], str | None] 
         return PrecisionChoice("bf16", f"auto: bf16, sound and faster ({speed})", rates)
     return PrecisionChoice("fp32", f"auto: fp32, bf16 is not {MIN_SPEEDUP:g}x faster on this CPU ({speed})", rates)
 
-
-_CODES = {"fp32": 0, "bf16": 1, "fp16": 1}  # lower wins: fp32 where any rank chose it
-
-
-def agree_across_ranks(choice: PrecisionChoice | None, error: str | None) -> tuple[PrecisionChoice | None, str | None]:
-    """Under torch.distributed, make every rank train in the same precision: fp32 where any rank
-    chose it (its timed step or check said so), and a stop on every rank where any rank's explicit
-    bf16 was broken (``error``). Every rank must call it, error or not. Without a process group
-    (one worker) the arguments come back as they are."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return choice, error
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    code = torch.tensor([-1 if error is not None else _CODES[choice.precision]], device=device)
-    dist.all_reduce(code, op=dist.ReduceOp.MIN)
-    lowest = int(code.item())
-    if lowest < 0 and error is None:
-        return None, ("train.precision = 'bf16' is broken on another worker's CPU (its check found a fault); "
-                      "use train.precision: fp32 or auto")
-    if lowest == 0 and choice is not None and choice.precision != "fp32":
-        return PrecisionChoice("fp32", f"another worker chose fp32; this one: {choice.reason}", choice.rates), error
-    return choice, error

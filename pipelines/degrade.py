@@ -46,12 +46,8 @@ def run(args: argparse.Namespace) -> None:
     }
     if params.degrade.protocol == "mlr":
         report["lr_images_per_scale"] = {f"x{s:g}": n for s, n in sorted(lr_scales.items())}
-    if params.degrade.lr_noise:
-        from components.data.protocols import noise_sigma
-
-        sigmas = Counter(noise_sigma(params.degrade, i) for i, r in zip(out[T.IMAGE_ID].to_pylist(),
-                                                                        out[T.ROLE].to_pylist()) if r == "lr")
-        report["lr_images_per_noise_sigma"] = {f"{s:g}": n for s, n in sorted(sigmas.items())}
+    if result.lr_noise:
+        report["lr_images_per_noise_sigma"] = {f"{s:g}": n for s, n in result.lr_noise.items()}
     write_json(report_path(args, DEGRADED, "degrade.json"), report)
     for note in result.notes:
         log.info(note)

@@ -130,7 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
     from Train's checkpoint, then one report (rank 0: with a checkpoint) per epoch."""
     import ray.train
 
-    from components.precision import PrecisionError, agree_across_ranks, guard_onednn
+    from components.precision import PrecisionError, guard_onednn
+    from components.training.engine import agree_on_precision
     from components.training import NonFiniteLossError
 
     capped = guard_onednn()  # before this process's first convolution
@@ -144,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
         choice, error = trainer.choose_precision(params.train.precision), None
     except PrecisionError as exc:
         choice, error = None, str(exc)
-    choice, error = agree_across_ranks(choice, error)  # every rank the same precision, or the same stop
+    choice, error = agree_on_precision(choice, error, trainer.device)  # every rank the same precision, or the same stop
     if error is not None:  # before training; the driver raises it as a StageError
         report_stop(error, -1, rank, None)
         return

@@ -227,11 +227,13 @@ def test_inference_never_runs_bf16(broken_bf16, pri_and_batch):
 def _agree(rank: int, world: int, init: str, asked: list, out) -> None:
     import torch.distributed as dist
 
+    from components.training.engine import agree_on_precision
+
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         precision, error = asked[rank]
         choice = None if error else P.PrecisionChoice(precision, f"rank {rank}")
-        got, err = P.agree_across_ranks(choice, error)
+        got, err = agree_on_precision(choice, error, "cpu")
         out.put((rank, got.precision if got else None, err))
     finally:
         dist.destroy_process_group()
@@ -246,6 +248,8 @@ def test_ranks_agree_on_the_precision(tmp_path, asked, expected):
     """Two real gloo ranks (processes): each decided on its own CPU; they train alike or stop alike."""
     import torch.multiprocessing as mp
 
+    from components.training.engine import agree_on_precision
+
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_agree, args=(r, 2, f"file://{tmp_path}/pg", asked, out)) for r in range(2)]
@@ -257,4 +261,4 @@ def test_ranks_agree_on_the_precision(tmp_path, asked, expected):
     for rank, (precision, stops) in enumerate(expected):
         got, err = results[rank]
         assert got == precision and (err is not None) == stops, results
-    assert P.agree_across_ranks(P.PrecisionChoice("bf16", "one worker"), None)[0].precision == "bf16"  # no group
+    assert agree_on_precision(P.PrecisionChoice("bf16", "one worker"), None, "cpu")[0].precision == "bf16"  # no group

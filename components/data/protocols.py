@@ -46,6 +46,7 @@ class DegradeResult:
     table: pa.Table  # DEGRADED_SCHEMA
     dropped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    lr_noise: dict[float, int] = field(default_factory=dict)  # LR images per sensor-noise sigma (degrade.lr_noise)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def degrade(table: pa.Table, p: DegradeParams, *, progress: bool = True) -> Degr
     roles = Counter(out[T.ROLE].to_pylist())
     notes.append(f"{roles.get('hr', 0)} HR and {roles.get('lr', 0)} LR images "
                  f"of {len(set(out[T.PERSON_ID].to_pylist()))} identities")
-    if p.lr_noise:
-        levels = Counter(j.noise for j in jobs if j.role == "lr")
-        notes.append("LR sensor noise (sigma: images): " + ", ".join(f"{s:g}: {n}" for s, n in sorted(levels.items())))
-    return DegradeResult(out, dict(dropped), notes)
+    levels = dict(sorted(Counter(j.noise for j in jobs if j.role == "lr").items())) if p.lr_noise else {}
+    if levels:
+        notes.append("LR sensor noise (sigma: images): " + ", ".join(f"{s:g}: {n}" for s, n in levels.items()))
+    return DegradeResult(out, dict(dropped), notes, levels)

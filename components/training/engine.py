@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from components.precision import resolve_precision
+from components.precision import PrecisionChoice, resolve_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,6 +53,27 @@ def _check_finite(terms: dict[str, Tensor], epoch: int, batch_index: int, device
         what = f"is {v}" if not math.isfinite(v) else "is not finite on another rank"
         raise NonFiniteLossError(f"epoch {epoch}, step {batch_index}: {names[k]} {what}")
     return dict(zip(names, values))
+
+
+_CODES = {"fp32": 0, "bf16": 1, "fp16": 1}  # lower wins: fp32 where any rank chose it
+
+
+def agree_on_precision(choice: PrecisionChoice | None, error: str | None,
+                       device) -> tuple[PrecisionChoice | None, str | None]:
+    """Under torch.distributed, make every rank train in the same precision: fp32 where any rank
+    chose it (its timed step or check said so), and a stop on every rank where any rank's explicit
+    bf16 was broken (``error``). Every rank must call it, error or not; one process: unchanged."""
+    if _world()[1] == 1:
+        return choice, error
+    code = torch.tensor([-1 if error is not None else _CODES[choice.precision]], device=_comm_device(torch.device(device)))
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    lowest = int(code.item())
+    if lowest < 0 and error is None:
+        return None, ("train.precision = 'bf16' is broken on another worker's CPU (its check found a fault); "
+                      "use train.precision: fp32 or auto")
+    if lowest == 0 and choice is not None and choice.precision != "fp32":
+        return PrecisionChoice("fp32", f"another worker chose fp32; this one: {choice.reason}", choice.rates), error
+    return choice, error
 
 
 def _backward_step(total: Tensor, optimizer, scaler) -> None:
