@@ -58,8 +58,8 @@ class SyntheticParams(_Section):
     """The procedural default dataset written to data/raw by `lrreid synthesize`."""
 
     seed: int = 0
-    identities: int = Field(500, ge=4)
-    train_identities: int = Field(400, ge=2)  # the layout's own bounding_box_train share
+    identities: int = Field(300, ge=4)  # the demo's size (presets/claim.yaml: the claim run's)
+    train_identities: int = Field(200, ge=2)  # the layout's own bounding_box_train share
     cameras: int = Field(2, ge=2, le=9)
     images_per_camera: int = Field(4, ge=1)
     height: int = Field(128, ge=32)
@@ -85,8 +85,8 @@ class DegradeParams(_Section):
 
     protocol: Literal["mlr", "vr", "genuine"] = "mlr"
     seed: int = 0
-    hr_height: int = Field(128, ge=16)  # canonical HR size (MLR / genuine HR camera)
-    hr_width: int = Field(64, ge=8)
+    hr_height: int = Field(64, ge=16)  # canonical HR size (MLR / genuine HR camera)
+    hr_width: int = Field(32, ge=8)
     scales: list[float] = [2, 3, 4]  # MLR down-sampling factors r, drawn uniformly
     width_range: tuple[int, int] = (8, 32)  # VR: target width drawn from [lo, hi)
     lr_camera: int | Literal["auto"] = "auto"  # genuine: the LR camera; auto = smaller images
@@ -172,8 +172,8 @@ class ModelParams(_Section):
     label: Literal["soft", "onehot"] = "soft"  # dynamic soft label, or one-hot (PRI Table 3)
     backbone: Literal[BACKBONES] = "resnet18"  # type: ignore[valid-type]  # P and F (paper: resnet50)
     backbone_weights: str | None = None  # local torchvision ImageNet state dict; null: random init
-    input_height: int = Field(128, ge=16)  # images are resized to this before F (paper: 384)
-    input_width: int = Field(64, ge=8)  # (paper: 128)
+    input_height: int = Field(64, ge=16)  # images are resized to this before F (paper: 384)
+    input_width: int = Field(32, ge=8)  # (paper: 128)
     predictor_height: int = Field(64, ge=16)  # ... and to this before P, which only sees x_l (paper: 384)
     predictor_width: int = Field(32, ge=8)  # (paper: 128)
     feature_dim: int = Field(512, ge=1)  # 1x1 conv after pooling (paper: 2048 -> 512)
@@ -228,7 +228,7 @@ class TrainParams(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     weight_decay: float = Field(0.0, ge=0)  # L2 on every parameter (paper: not stated)
     pretrain_epochs: int = Field(4, ge=1)  # T1 (paper: 20; CAVIAR 60)
-    epochs: int = Field(4, ge=1)  # T2 (paper: 60; CAVIAR 140)
+    epochs: int = Field(2, ge=1)  # T2 (paper: 60; CAVIAR 140)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native, sound and faster
     label_refresh: Literal["cached", "naive"] = "cached"  # label bank every omega epochs, or every step
     track_images: int = Field(4, ge=0)  # training images whose r_p is logged every joint epoch (PRI Fig. 3)
@@ -296,9 +296,9 @@ class FFSRRIFETrainParams(_Section):
     """
 
     identities_per_batch: int | None = Field(None, ge=2)  # P of the P x K sampler; null: train.identities_per_batch
-    ffsr: StepParams = StepParams(epochs=2)
-    rife: StepParams = StepParams(epochs=12)
-    joint: StepParams = StepParams(lr=0.001)
+    ffsr: StepParams = StepParams(epochs=1)
+    rife: StepParams = StepParams(epochs=3)
+    joint: StepParams = StepParams(epochs=2, lr=0.001)
 
 
 class EvaluateParams(_Section):

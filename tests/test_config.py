@@ -22,14 +22,14 @@ def test_repository_params_are_valid():
         ({"degrade": {"scales": [3, 2]}}, "degrade.scales = [3, 2]", "ascending"),
         ({"model": {"scales": [0.5, 1, 2]}}, "model.scales = [0.5, 1, 2]", ">= 1"),
         ({"train": {"lr_backbone": -0.1}}, "train.lr_backbone = -0.1", "greater than 0"),
-        ({"split": {"test_identities": 500}}, "split.test_identities = 500", "fewer than the 500"),
+        ({"split": {"test_identities": 300}}, "split.test_identities = 300", "fewer than the 300"),
         ({"data": {"layout": "imagenet"}}, "data.layout = 'imagenet'", "market1501"),
         ({"data": {"synthetic": {"identities": "many"}}}, "data.synthetic.identities = 'many'", "integer"),
         ({"degrade": {"width_range": [32, 8]}}, "degrade.width_range = [32, 8]", "lo < hi"),
         ({"ablation": {"variants": ["srgan"]}}, "ablation.variants", "ffsr_rife"),
         ({"ablation": {"variants": ["rife_pri", "rife_pri"]}}, "ablation.variants", "each variant once"),
         ({"degrade": {"scales": [2, 3, 8]}}, "degrade.scales = [2.0, 3.0, 8.0]", "largest of model.scales (4)"),
-        ({"split": {"test_identities": 495}}, "split.test_identities = 495", "leaves 5 training identities"),
+        ({"split": {"test_identities": 295}}, "split.test_identities = 295", "leaves 5 training identities"),
         ({"train": {"identities_per_batch": 64, "num_workers": 8}}, "split.test_identities = None", "(8)"),
     ],
 )
@@ -134,7 +134,7 @@ def test_paper_preset_applies_the_papers_sizes():
 def test_ablation_variants_override_only_their_keys():
     from components.config import VARIANTS
 
-    p = validate_params({"train": {"epochs": 3}, "model": {"gamma": 3}})
+    p = validate_params({"train": {"epochs": 3, "pretrain_epochs": 2}, "model": {"gamma": 3}})
     ffsr = p.for_variant("ffsr_rife")
     assert ffsr.train.model == "ffsr_rife" and ffsr.train.epochs == 3 and ffsr.model == p.model
     rife = p.for_variant("rife_pri")
