@@ -127,7 +127,7 @@ def test_paper_preset_applies_the_papers_sizes():
     assert (p.model.backbone, p.model.input_height, p.model.input_width) == ("resnet50", 384, 128)
     assert (p.model.sr.blocks, p.model.sr.convs_per_block, p.model.sr.growth, p.model.sr.channels) == (16, 8, 64, 64)
     assert load_params("params.yaml").model.backbone == "resnet18"  # the default stays the CPU one
-    with pytest.raises(ParamsError, match="known presets: paper"):
+    with pytest.raises(ParamsError, match="known presets: claim, paper"):
         load_params("params.yaml", preset="huge")
 
 
