@@ -131,6 +131,15 @@ def test_paper_preset_applies_the_papers_sizes():
         load_params("params.yaml", preset="huge")
 
 
+def test_claim_preset_carries_the_content_lever_and_the_baseline():
+    base, p = load_params("params.yaml"), load_params("params.yaml", preset="claim")
+    assert base.degrade.lr_noise == [] and len(set(p.degrade.lr_noise)) >= 2 and 0 in p.degrade.lr_noise
+    assert "bicubic" in p.ablation.variants  # goal 2's trained baseline
+    assert p.train.pretrain_epochs + p.train.epochs > base.train.pretrain_epochs + base.train.epochs
+    assert p.data.synthetic.train_identities > base.data.synthetic.train_identities
+    assert p.model == base.model  # the same models as the demo, only data and training length change
+
+
 def test_ablation_variants_override_only_their_keys():
     from components.config import VARIANTS
 
