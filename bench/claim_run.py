@@ -10,8 +10,8 @@ For each seed k, in this DVC workspace:
    (with the seed's wall time in ``time.json``).
 
 Then ``lrreid compare`` pools the seeds' records into ``reports/claim/resplits.{md,json}``
-(paired identity-bootstrap intervals over every seed's test identities). params.yaml, data.dvc
-and dvc.lock are restored from git at the end, and ``dvc checkout`` brings back their outputs;
+(paired identity-bootstrap intervals over every seed's test identities). params.yaml, data.dvc,
+dvc.lock and the tracked reports are restored from git at the end, and ``dvc checkout`` brings back their outputs;
 ``dvc exp apply claim-seed<k>`` brings back a seed's (e.g. for bench/bench_scale_content.py).
 
     PYTHONPATH=. .venv/bin/python bench/claim_run.py --seeds 0 1 2
@@ -34,7 +34,7 @@ OUT = Path("reports/claim")
 COPIED = ["reports/ablation.md", "reports/ablation.json", "reports/eval/per_probe.parquet", "reports/degrade.json",
           "reports/plots/pretrain_curve.csv", "reports/plots/joint_curve.csv", "reports/figures/training_curves.png",
           "reports/figures/scale_histogram.png", "reports/train.json", "reports/pretrain.json"]
-RESTORED = ["params.yaml", "data.dvc", "dvc.lock"]
+RESTORED = ["params.yaml", "data.dvc", "dvc.lock", "reports"]  # reports/claim/ is new (untracked): kept
 
 
 def sh(*cmd: str, check: bool = True) -> int:

@@ -7,7 +7,9 @@ The preset is validated together with params.yaml before anything is printed.
 Presets: paper (both papers' settings, GPUs: PRI with resnet50, 384x128, RDN
 16/8/64/64, T1/T2 = 20/60, batch 16 = 4 x 4, Adam 0.01 / 0.1; FFSR + RIFE with
 RIFE-50, FFSR at 32 channels, SGD 0.01 / 0.01 / 0.001 over three steps of 60
-epochs, /10 after 30, batch 32).
+epochs, /10 after 30, batch 32); claim (PRI's claim run on CPUs: 500 identities,
+128x64, LR sensor noise [0, 16, 48], T1/T2 = 10/8, Bicubic + F; bench/claim_run.py
+runs its seeds).
 """
 
 from __future__ import annotations

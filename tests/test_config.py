@@ -137,7 +137,9 @@ def test_claim_preset_carries_the_content_lever_and_the_baseline():
     assert "bicubic" in p.ablation.variants  # goal 2's trained baseline
     assert p.train.pretrain_epochs + p.train.epochs > base.train.pretrain_epochs + base.train.epochs
     assert p.data.synthetic.train_identities > base.data.synthetic.train_identities
-    assert p.model == base.model  # the same models as the demo, only data and training length change
+    # the demo's models, at the HR size where F learns (64x32 is the demo's cost)
+    assert p.model.model_copy(update={"input_height": 64, "input_width": 32}) == base.model
+    assert (p.degrade.hr_height, p.degrade.hr_width) == (p.model.input_height, p.model.input_width) == (128, 64)
 
 
 def test_ablation_variants_override_only_their_keys():

@@ -224,27 +224,31 @@ def test_inference_never_runs_bf16(broken_bf16, pri_and_batch):
         assert t.dtype == torch.float32 and bool(torch.isfinite(t).all())
 
 
-def _agree(rank: int, world: int, init: str, asked: list, out) -> None:
+def _agree(rank: int, world: int, init: str, cases: list, out) -> None:
+    """One gloo rank: every case's agreement in turn, in one process group (one spawn for all cases)."""
     import torch.distributed as dist
 
     from components.training.engine import agree_on_precision
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        precision, error = asked[rank]
-        choice = None if error else P.PrecisionChoice(precision, f"rank {rank}")
-        got, err = agree_on_precision(choice, error, "cpu")
-        out.put((rank, got.precision if got else None, err))
+        for case, asked in enumerate(cases):
+            precision, error = asked[rank]
+            choice = None if error else P.PrecisionChoice(precision, f"rank {rank}")
+            got, err = agree_on_precision(choice, error, "cpu")
+            out.put((case, rank, got.precision if got else None, err))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("asked, expected", [
+AGREEMENTS = [  # what each of two ranks decided on its own -> what both then do (precision, stop?)
     ([("bf16", None), ("fp32", None)], [("fp32", False), ("fp32", False)]),   # fp32 where any rank chose it
     ([("bf16", None), ("bf16", None)], [("bf16", False), ("bf16", False)]),
     ([(None, "bf16 is broken (Conv2d ...)"), ("bf16", None)], [(None, True), (None, True)]),  # both stop
-])
-def test_ranks_agree_on_the_precision(tmp_path, asked, expected):
+]
+
+
+def test_ranks_agree_on_the_precision(tmp_path):
     """Two real gloo ranks (processes): each decided on its own CPU; they train alike or stop alike."""
     import torch.multiprocessing as mp
 
@@ -252,13 +256,15 @@ def test_ranks_agree_on_the_precision(tmp_path, asked, expected):
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(r, 2, f"file://{tmp_path}/pg", asked, out)) for r in range(2)]
+    cases = [asked for asked, _ in AGREEMENTS]
+    procs = [ctx.Process(target=_agree, args=(r, 2, f"file://{tmp_path}/pg", cases, out)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (prec, err)) for r, prec, err in (out.get(timeout=120) for _ in procs))
+    results = {(c, r): (prec, err) for c, r, prec, err in (out.get(timeout=120) for _ in range(2 * len(cases)))}
     for p in procs:
         p.join(timeout=60)
-    for rank, (precision, stops) in enumerate(expected):
-        got, err = results[rank]
-        assert got == precision and (err is not None) == stops, results
+    for case, (_, expected) in enumerate(AGREEMENTS):
+        for rank, (precision, stops) in enumerate(expected):
+            got, err = results[case, rank]
+            assert got == precision and (err is not None) == stops, (case, results)
     assert agree_on_precision(P.PrecisionChoice("bf16", "one worker"), None, "cpu")[0].precision == "bf16"  # no group

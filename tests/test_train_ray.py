@@ -146,8 +146,9 @@ def test_pretrain_then_joint_one_worker(local_ray, split_dir, workdir):
 
 def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
     """train.model = ffsr_rife: pretrain = step 1 (FFSR) then step 2 (RIFE), train = step 3 (joint), each step
-    with its own optimiser and schedule (ffsr_rife.*), validated after every epoch like PRI. The worker is
-    killed after step 1's checkpoint: Train restarts it there, and it goes on with step 2's optimiser."""
+    with its own optimiser and schedule (ffsr_rife.*), validated after every epoch like PRI. (A worker
+    restarted at the step boundary goes on with step 2's optimiser: tests/test_training.py, without
+    Ray; Train's restart itself: test_pretrain_then_joint_one_worker.)"""
     from components.config import FFSRParams, RIFEParams
     from components.training import load_weights_file
     from pipelines.training_stage import run_stage
@@ -159,11 +160,11 @@ def test_ffsr_rife_through_the_same_drivers(local_ray, split_dir, workdir):
              "rife": {"epochs": 2, "optimizer": "adam", "lr": 0.002, "milestones": [1]},
              "joint": {"epochs": 1, "optimizer": "sgd", "lr": 0.0005}}
     params = validate_params({**base, "model": m.model_dump(mode="json"), "ffsr_rife": steps})
-    pre = _pretrain_killed_once(params, split_dir, workdir)
+    pre = run_stage(params, phase="pretrain", split_dir=split_dir, out=workdir / "pre.pt", report=workdir / "pre.json")
     _, pre_meta = load_weights_file(workdir / "pre.pt")
     run = pre_meta["mlflow_run_id"]
     assert pre_meta["epochs"] == 3 and pre["epoch"] == 2  # FFSR epoch 0, RIFE epochs 1-2
-    assert _epochs_logged(run) == [0, 1, 2]  # no epoch counted twice after the restart
+    assert _epochs_logged(run) == [0, 1, 2]
     assert _epochs_logged(run, "L_ffsr") == [0]  # step 1 fits FFSR alone
     assert _epochs_logged(run, "L_rife") == [1, 2]  # step 2 fits RIFE alone
     lr = {int(x.step): x.value for x in client().get_metric_history(run, "lr_head")}
