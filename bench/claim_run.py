@@ -34,7 +34,7 @@ OUT = Path("reports/claim")
 COPIED = ["reports/ablation.md", "reports/ablation.json", "reports/eval/per_probe.parquet", "reports/degrade.json",
           "reports/plots/pretrain_curve.csv", "reports/plots/joint_curve.csv", "reports/figures/training_curves.png",
           "reports/figures/scale_histogram.png", "reports/train.json", "reports/pretrain.json"]
-RESTORED = ["params.yaml", "data.dvc", "dvc.lock", "reports"]  # reports/claim/ is new (untracked): kept
+RESTORED = ["params.yaml", "data.dvc", "dvc.lock", "reports", ":(exclude)reports/claim"]  # the seeds' copies stay
 
 
 def sh(*cmd: str, check: bool = True) -> int:
