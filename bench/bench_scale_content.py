@@ -33,6 +33,7 @@ from components.data.synthetic import identity_attributes
 from components.evaluation import decode_images
 from components.losses import pairwise_distances
 from components.models.pri import build_pri
+from components.stats import bootstrap_means, group_sums
 from components.training import load_weights_file
 
 
@@ -61,27 +62,27 @@ def slice_table(name, values, best, hit):
 def scale_gain_by_level(levels, hit, pids, resamples: int = 10000) -> None:
     """Rank-1 at the largest scale minus at r = 1, per content level, and its contrast between the
     highest and the lowest level (does the better scale depend on the content?), with 95% intervals
-    from an identity bootstrap (the probes of one identity resampled together)."""
-    levels, pids = np.asarray(levels), np.asarray(pids)
-    gain = hit[:, -1].astype(float) - hit[:, 0]
-    ids = np.unique(pids)
-    rng = np.random.default_rng(0)
-    draws = [np.concatenate([np.flatnonzero(pids == i) for i in rng.choice(ids, len(ids))]) for _ in range(resamples)]
-
-    def stat(idx, level):
-        keep = idx[levels[idx] == level]
-        return gain[keep].mean() * 100 if len(keep) else np.nan
-
-    lo, hi = min(levels), max(levels)
+    from an identity bootstrap (``components.stats``: the probes of one identity resampled together;
+    every level sees the same resamples, so the contrast is paired)."""
+    levels = np.asarray(levels)
+    gain = 100 * (hit[:, -1].astype(float) - hit[:, 0])
+    values = sorted(set(levels.tolist()))
+    means, boots = {}, {}
+    for level in values:
+        at = (levels == level).astype(float)
+        _, sums, _ = group_sums(gain * at, pids)
+        _, counts, _ = group_sums(at, pids)  # the level's probes per identity
+        boots[level] = bootstrap_means(sums, counts, resamples, seed=0)[:, 0]  # the same seed: the same resamples
+        means[level] = gain[levels == level].mean()
     print("rank-1 at the largest scale - at r = 1 (points), 95% identity-bootstrap interval:")
-    for level in sorted(set(levels.tolist())):
-        boot = [stat(d, level) for d in draws]
-        print(f"  level {level:g}: {stat(np.arange(len(gain)), level):+.1f} "
-              f"[{np.nanquantile(boot, 0.025):+.1f}, {np.nanquantile(boot, 0.975):+.1f}]")
-    full = np.arange(len(gain))
-    boot = [stat(d, hi) - stat(d, lo) for d in draws]
-    print(f"  level {hi:g} - level {lo:g}: {stat(full, hi) - stat(full, lo):+.1f} "
-          f"[{np.nanquantile(boot, 0.025):+.1f}, {np.nanquantile(boot, 0.975):+.1f}]")
+    for level in values:
+        print(f"  level {level:g}: {means[level]:+.1f} {_interval(boots[level])}")
+    lo, hi = values[0], values[-1]
+    print(f"  level {hi:g} - level {lo:g}: {means[hi] - means[lo]:+.1f} {_interval(boots[hi] - boots[lo])}")
+
+
+def _interval(boot: np.ndarray) -> str:
+    return f"[{np.nanquantile(boot, 0.025):+.1f}, {np.nanquantile(boot, 0.975):+.1f}]"
 
 
 def main() -> None:

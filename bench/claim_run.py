@@ -7,7 +7,7 @@ For each seed k, in this DVC workspace:
 2. ``lrreid synthesize`` (seed k's data) and ``dvc add data/raw``;
 3. ``dvc exp run -n claim-seed<k>``: the pipeline as a named DVC experiment (``dvc exp show``);
 4. its table, curves, figures and per-probe records are copied to ``reports/claim/seed<k>/``
-   (with the seed's wall time in ``time.json``).
+   (the variants' curves to ``seed<k>/ablation/<variant>/``; the seed's wall time in ``time.json``).
 
 Then ``lrreid compare`` pools the seeds' records into ``reports/claim/resplits.{md,json}``
 (paired identity-bootstrap intervals over every seed's test identities). params.yaml, data.dvc,
@@ -61,6 +61,11 @@ def run_seed(base: dict, preset: str, seed: int) -> None:
     for name in COPIED:
         if Path(name).exists():
             shutil.copy2(name, out / Path(name).name)
+    for variant in Path("reports/ablation").glob("*/"):  # the variants' curves: Bicubic + F's plateau
+        (out / "ablation" / variant.name).mkdir(parents=True, exist_ok=True)
+        for name in ("pretrain_curve.csv", "joint_curve.csv", "pretrain.json", "train.json"):
+            if (variant / name).exists():
+                shutil.copy2(variant / name, out / "ablation" / variant.name / name)
     (out / "time.json").write_text(json.dumps({"seed": seed, "wall_seconds": time.perf_counter() - start}) + "\n")
 
 

@@ -469,11 +469,14 @@ def search_scatter(trials: list[dict], keys: Sequence[str], path, *, metric: str
 
 
 def predictor_confusion(confusion, true_scales: Sequence[float], scales: Sequence[float], path, *,
-                        title: str = "Predicted scale r_p per true down-sampling factor") -> Path:
+                        title: str = "Predicted scale r_p per true down-sampling factor",
+                        row_name: str = "true down-sampling factor", row_format: str = "x{:g}") -> Path:
     """A heatmap of ``confusion`` [T, N] (probes per true factor and predicted scale, as
     ``components.diagnostics.predictor_diagnostics`` returns): colour = the fraction of
     its row, each cell annotated with its count and that fraction. Rows are labelled by
-    ``true_scales`` (T), columns by ``scales`` (N). A row without probes stays blank."""
+    ``true_scales`` (T) through ``row_format`` and titled ``row_name`` (another probe
+    attribute, e.g. its noise level, may take the factor's place), columns by ``scales``
+    (N). A row without probes stays blank."""
     counts = np.asarray(confusion, dtype=float)
     if counts.ndim != 2 or counts.size == 0:
         raise ValueError(f"confusion has shape {counts.shape}: expected [true factors, scales]")
@@ -496,9 +499,10 @@ def predictor_confusion(confusion, true_scales: Sequence[float], scales: Sequenc
             ax.text(j, i, f"{int(counts[i, j])}\n{100 * fractions[i, j]:.0f}%", ha="center", va="center",
                     fontsize=9, color="white" if fractions[i, j] > 0.6 else "black")
     ax.set_xticks(range(cols), [f"x{float(s):g}" for s in scales])
-    ax.set_yticks(range(rows), [f"x{float(t):g} ({int(n)})" for t, n in zip(true_scales, totals[:, 0])])
+    ax.set_yticks(range(rows), [f"{row_format.format(float(t))} ({int(n)})"
+                                for t, n in zip(true_scales, totals[:, 0])])
     ax.set_xlabel("predicted r_p")
-    ax.set_ylabel("true down-sampling factor (probes)")
+    ax.set_ylabel(f"{row_name} (probes)")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="fraction of the row")
     fig.tight_layout()

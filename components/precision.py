@@ -313,4 +313,3 @@ def choose_precision(device, requested: str, *, fault: Callable[[], str | None] 
     if rates["bf16"] >= MIN_SPEEDUP * rates["fp32"]:
         return PrecisionChoice("bf16", f"auto: bf16, sound and faster ({speed})", rates)
     return PrecisionChoice("fp32", f"auto: fp32, bf16 is not {MIN_SPEEDUP:g}x faster on this CPU ({speed})", rates)
-

@@ -157,6 +157,9 @@ def _image_key(image_id: str) -> int:
     return zlib.crc32(image_id.encode())  # stable across processes and machines (unlike hash())
 
 
+_NOISE_TAG = 7  # the noise streams' first integer after the seed
+
+
 def noise_sigma(p: DegradeParams, image_id: str) -> float:
     """The sensor-noise sigma of LR image ``image_id`` (0 without degrade.lr_noise): one uniform
     draw from degrade.lr_noise seeded by (degrade.seed, the image id), apart from r's draw."""
@@ -164,9 +167,6 @@ def noise_sigma(p: DegradeParams, image_id: str) -> float:
         return 0.0
     rng = np.random.default_rng([p.seed, _NOISE_TAG, _image_key(image_id)])
     return float(p.lr_noise[int(rng.integers(len(p.lr_noise)))])
-
-
-_NOISE_TAG = 7  # the noise streams' first integer after the seed
 
 
 def _with_noise(jobs: list[_Job], p: DegradeParams) -> list[_Job]:
