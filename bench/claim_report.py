@@ -6,7 +6,9 @@ train.json / pretrain.json, the curves, time.json, the variants' curves) and res
 
 - reports/claim/goals.md and goals.json: goals 1, 2 and 4 (paired rank-1 differences, 95%
   identity-bootstrap intervals), goal 3 (P's agreement with the oracle's best scale against
-  chance, pooled and per seed; the last joint epoch's L_p against the label entropy and ln N;
+  chance, pooled and per seed; the last joint epoch's L_p against the labels' marginal (the L_p
+  of a P that learned nothing of the image; from train.json, or seed<k>/label_bank.json for seeds
+  trained before train.json logged it), the label entropy and ln N;
   r_p and the oracle's best scale per noise level), the validation curves' last epochs
   (the plateau), goal 5 (wall time and samples/s per seed);
 - reports/claim/rp_by_noise.png: P's r_p against the probe's LR sensor noise (test probes,
@@ -137,10 +139,12 @@ def timing(seed_dir: Path) -> dict:
         p = seed_dir / name
         return json.loads(p.read_text()) if p.exists() else {}
     pre, joint, wall = load("pretrain.json"), load("train.json"), load("time.json")
+    bank = load("label_bank.json")  # for seeds trained before train.json logged L_p_marginal
     return {"wall_min": wall.get("wall_seconds", float("nan")) / 60,
             "pretrain_samples_s": pre.get("samples_per_s"), "joint_samples_s": joint.get("samples_per_s"),
             "precision": joint.get("precision"), "L_p": joint.get("L_p"), "label_entropy": joint.get("label_entropy"),
-            "L_p_uniform": joint.get("L_p_uniform")}
+            "L_p_uniform": joint.get("L_p_uniform"),
+            "L_p_marginal": joint.get("L_p_marginal", bank.get("L_p_marginal"))}
 
 
 def markdown(report: dict) -> str:
@@ -156,17 +160,20 @@ def markdown(report: dict) -> str:
     p = report["predictor"]
     lines += ["\n## Goal 3: is P predicting the oracle's best scale?\n",
               "| seed | agreement (%) | chance (%) | agreement - chance (points) [95% CI] | last joint L_p | "
-              "label entropy | ln N |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "labels' marginal | label entropy | ln N |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k, s, t in zip(seeds, p["per_seed"], report["timing"]):
         lines.append(f"| {k} | {100 * s['agreement']:.1f} | {100 * s['chance']:.1f} | {s['minus_chance']:+.1f} "
-                     f"[{s['low']:+.1f}, {s['high']:+.1f}] | {_f(t['L_p'])} | {_f(t['label_entropy'])} | "
+                     f"[{s['low']:+.1f}, {s['high']:+.1f}] | {_f(t['L_p'])} | {_f(t['L_p_marginal'])} | "
+                     f"{_f(t['label_entropy'])} | "
                      f"{_f(t['L_p_uniform'])} |")
     q = p["pooled"]
     lines.append(f"| pooled | {100 * q['agreement']:.1f} | {100 * q['chance']:.1f} | {q['minus_chance']:+.1f} "
-                 f"[{q['low']:+.1f}, {q['high']:+.1f}] | | | |")
+                 f"[{q['low']:+.1f}, {q['high']:+.1f}] | | | | |")
     lines += ["\nChance: sum_k p_pred(k) p_oracle(k), the agreement of a choice with P's frequencies made "
-              "independently of the oracle. L_p is the last joint epoch's mean; the label entropy is what a P "
-              "that predicts only the labels' frequencies scores.\n",
+              "independently of the oracle. L_p is the last joint epoch's mean over its steps; the labels' "
+              "marginal is the L_p of a P that predicts every image the labels' mean (it learned the frequencies, "
+              "nothing of the image), the label entropy that of a P that reproduces every label, ln N that of "
+              "a uniform P. P learned something of the image where its L_p is below the marginal.\n",
               "Per LR sensor-noise level (test probes, all seeds; figures rp_by_noise.png, oracle_by_noise.png):\n",
               "| noise sigma | probes | r_p counts | oracle's best-scale counts | rank-1 (%) per fixed scale |",
               "|---:|---:|---|---|---|"]

@@ -100,6 +100,13 @@ class LabelBank:
     def entropy(self) -> float:
         return float(label_entropy(self.labels))
 
+    def marginal_cross_entropy(self) -> float:
+        """L_p (Eq. 4) of a P that predicts every item the labels' mean: what P scores when it
+        learned the labels' frequencies and nothing of the image. ``entropy()`` is what a P that
+        reproduces every label scores; P's own L_p lies between the two when it learned anything."""
+        mean = self.labels.mean(0).clamp_min(1e-12)
+        return float(-(self.labels * mean.log()).sum(1).mean())
+
     def state_dict(self) -> dict:
         return {"labels": self.labels.clone(), "refreshed": self.refreshed.clone(),
                 "first_refresh": -1 if self.first_refresh is None else self.first_refresh,

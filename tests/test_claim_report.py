@@ -38,7 +38,7 @@ def seed_records(folder: Path, best: np.ndarray, r_p: np.ndarray) -> None:
     folder.mkdir(parents=True)
     table = C.per_probe_table(rows, IDS, PIDS, [2.0] * Q, {"split": folder.name, "model": "m"})
     write_table(table, folder / "per_probe.parquet", table.schema)
-    (folder / "train.json").write_text(json.dumps({"L_p": 1.2, "label_entropy": 1.3, "L_p_uniform": float(np.log(4)),
+    (folder / "train.json").write_text(json.dumps({"L_p": 1.2, "label_entropy": 1.1, "L_p_uniform": float(np.log(4)), "L_p_marginal": 1.3,
                                                    "samples_per_s": 20.0, "precision": "fp32"}))
     (folder / "time.json").write_text(json.dumps({"seed": 0, "wall_seconds": 600.0}))
     (folder / "joint_curve.csv").write_text("epoch,L,val_rank1\n0,5.0,40.0\n1,4.0,41.5\n")
@@ -79,4 +79,5 @@ def test_goals_from_known_records(tmp_path, monkeypatch):
     text = (out / "goals.md").read_text()
     assert "| 1 | Adaptive - best fixed | +1.0 [+0.2, +1.8] | 0.01 | yes |" in text
     assert "| 4 | Ideal - Adaptive | +2.0 [-0.5, +4.0] | 0.2 | no |" in text
+    assert "| 0 | 100.0 | 25.0 |" in text and "| 1.2000 | 1.3000 | 1.1000 | 1.3863 |" in text
     assert (out / "r_p_by_noise.png").stat().st_size > 0 and (out / "oracle_by_noise.png").stat().st_size > 0

@@ -50,6 +50,18 @@ def test_onehot_and_entropy():
     assert float(label_entropy(onehot_labels(D))) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_the_marginal_cross_entropy_lies_between_the_labels_entropy_and_ln_n():
+    bank = LabelBank(num_items=4, num_scales=4, omega=1)
+    assert bank.marginal_cross_entropy() == pytest.approx(math.log(4))  # uniform labels
+    bank.labels = onehot_labels(-torch.eye(4))  # each item its own scale
+    assert bank.entropy() == pytest.approx(0.0, abs=1e-6)
+    assert bank.marginal_cross_entropy() == pytest.approx(math.log(4))  # the mean says nothing of the item
+    bank.labels = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(4, 1)  # every item the same label
+    assert bank.marginal_cross_entropy() == pytest.approx(bank.entropy())
+    bank.labels = soft_labels(torch.rand(4, 4), 1.0)
+    assert bank.entropy() <= bank.marginal_cross_entropy() <= math.log(4) + 1e-6
+
+
 def test_label_bank_refresh_schedule_and_state():
     bank = LabelBank(num_items=5, num_scales=4, omega=2, gamma=1.0)
     assert bank.should_refresh(0)  # never computed

@@ -485,4 +485,5 @@ def test_pri_trainer_refreshes_its_bank_and_tracks_scales(split):
     assert metrics["refresh_seconds"] > 0 and "L_p" in metrics  # omega = 1: the bank is refreshed first
     trainer.end_epoch(0, metrics)
     assert "label_bank_entropy" in metrics and sum(k.startswith("r_p/") for k in metrics) == 2
+    assert metrics["label_bank_entropy"] <= metrics["L_p_marginal"] <= metrics["L_p_uniform"] + 1e-6
     assert trainer.history[-1]["L"] == metrics["L"] and trainer.state.epoch == 0

@@ -209,7 +209,8 @@ class PRITrainer(Trainer):
         """Also the label bank's entropy and PRI Fig. 3's tracked scales (joint training)."""
         bank = self.state.bank
         if bank is not None:
-            metrics["label_bank_entropy"] = bank.entropy()
+            metrics["label_bank_entropy"] = bank.entropy()  # L_p of a P that reproduces every label
+            metrics["L_p_marginal"] = bank.marginal_cross_entropy()  # L_p of a P that learned the frequencies only
             # what a predictor that learned nothing scores: L_p of the uniform P, the flattest labels
             metrics["L_p_uniform"] = metrics["label_bank_entropy_max"] = math.log(len(self.params.model.scales))
             metrics.update(tracked_scales(self.model, self.loader.dataset, bank, self.params.train.track_images,
