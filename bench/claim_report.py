@@ -64,9 +64,10 @@ def probe_arrays(seed_dir: Path, degrade) -> dict:
     adaptive = adaptive.sort_by([("image_id", "ascending")])
     r_p = np.array([scales.index(s) for s in adaptive["scale"].to_pylist()])
     ids = adaptive["image_id"].to_pylist()
-    return {"oracle": oracle_index(np.stack(ranks, 2), np.stack(aps, 2)), "r_p": r_p, "pids": pids[0],
-            "sigma": np.array([noise_sigma(degrade, i) for i in ids]), "rank": np.stack(ranks, 2),
-            "scales": scales}
+    rank, ap = np.stack(ranks, 2), np.stack(aps, 2)  # [D, Q, N]
+    tie = (rank == rank[..., :1]).all(2) & (ap == ap[..., :1]).all(2)  # [D, Q]: every scale the same result
+    return {"oracle": oracle_index(rank, ap), "r_p": r_p, "pids": pids[0], "tie": tie,
+            "sigma": np.array([noise_sigma(degrade, i) for i in ids]), "rank": rank, "scales": scales}
 
 
 def predictor_goal(per_seed: list[dict], resamples: int) -> dict:
@@ -101,15 +102,18 @@ def by_noise(per_seed: list[dict]) -> dict:
     n = len(per_seed[0]["scales"])
     r_p, oracle, hits, probes = (np.zeros((len(levels), n), int), np.zeros((len(levels), n), int),
                                  np.zeros((len(levels), n)), np.zeros(len(levels)))
+    ties = np.zeros(len(levels), int)
     for s in per_seed:
         for i, level in enumerate(levels):
             m = s["sigma"] == level
             r_p[i] += np.bincount(s["r_p"][m], minlength=n)
             oracle[i] += np.bincount(s["oracle"][:, m].ravel(), minlength=n)
+            ties[i] += s["tie"][:, m].sum()
             valid = s["rank"][:, m, 0] >= 0
             hits[i] += ((s["rank"][:, m] == 0) & valid[..., None]).sum((0, 1))
             probes[i] += valid.sum()
     return {"levels": levels, "scales": per_seed[0]["scales"], "r_p": r_p.tolist(), "oracle": oracle.tolist(),
+            "ties": ties.tolist(),
             "rank1": (100 * hits / probes[:, None]).tolist()}
 
 
@@ -175,12 +179,13 @@ def markdown(report: dict) -> str:
               "nothing of the image), the label entropy that of a P that reproduces every label, ln N that of "
               "a uniform P. P learned something of the image where its L_p is below the marginal.\n",
               "Per LR sensor-noise level (test probes, all seeds; figures rp_by_noise.png, oracle_by_noise.png):\n",
-              "| noise sigma | probes | r_p counts | oracle's best-scale counts | rank-1 (%) per fixed scale |",
-              "|---:|---:|---|---|---|"]
+              "| noise sigma | probes | r_p counts | oracle's best-scale counts (probe-draws) | of them, every scale "
+              "ties | rank-1 (%) per fixed scale |", "|---:|---:|---|---|---:|---|"]
     n = report["by_noise"]
-    for level, rp, orc, r1 in zip(n["levels"], n["r_p"], n["oracle"], n["rank1"]):
-        lines.append(f"| {level:g} | {sum(rp)} | {rp} | {orc} | {[round(x, 1) for x in r1]} |")
-    lines += [f"\nScales (columns of the counts): {', '.join(f'x{s:g}' for s in n['scales'])}.\n",
+    for level, rp, orc, tie, r1 in zip(n["levels"], n["r_p"], n["oracle"], n["ties"], n["rank1"]):
+        lines.append(f"| {level:g} | {sum(rp)} | {rp} | {orc} | {tie} | {[round(x, 1) for x in r1]} |")
+    lines += [f"\nScales (columns of the counts): {', '.join(f'x{s:g}' for s in n['scales'])}. Where every scale "
+              "gives the same first rank and AP the oracle's pick is the lowest scale (its tie rule).\n",
               "## The plateau: validation rank-1 per epoch (held-out training identities)\n",
               "| seed | model | pretraining | joint |", "|---|---|---|---|"]
     for k, models in zip(seeds, report["plateau"]):

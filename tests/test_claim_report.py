@@ -73,6 +73,7 @@ def test_goals_from_known_records(tmp_path, monkeypatch):
     level0 = [q for q, v in enumerate(sigmas[0]) if v == n["levels"][0]]
     level1 = [q for q, v in enumerate(sigmas[1]) if v == n["levels"][0]]
     assert n["r_p"][0] == (np.bincount(best[level0], minlength=4) + np.bincount((best[level1] + 1) % 4, minlength=4)).tolist()
+    assert n["ties"] == [0] * len(n["levels"])  # one scale ranks first, the others third: never a tie
     assert [g["label"] for g in report["paired"]] == ["Adaptive - best fixed", "Ideal - Adaptive"]
     assert report["plateau"][0]["PRI"]["joint"] == [40.0, 41.5]
     assert report["timing"][1]["wall_min"] == 10.0
