@@ -26,7 +26,6 @@ person: the seeds' data are different people.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -38,9 +37,10 @@ from components import figures
 from components.config import load_params
 from components.data.protocols import noise_sigma
 from components.data.table import read_table
-from components.diagnostics import predictor_diagnostics
+from components.diagnostics import agreement_hits, predictor_diagnostics
 from components.rows import ADAPTIVE
 from components.stats import oracle_index, paired_bootstrap
+from pipelines.training_stage import read_curve
 
 OUT = Path("reports/claim")
 GOALS = [  # (goal, paired comparison of resplits.json): met when the interval is above 0
@@ -77,7 +77,7 @@ def predictor_goal(per_seed: list[dict], resamples: int) -> dict:
     for k, s in enumerate(per_seed):
         probs = np.eye(len(s["scales"]))[s["r_p"]]  # r_p as one-hot rows: the diagnostics' input
         d = predictor_diagnostics(probs, np.zeros(len(s["r_p"])), s["oracle"], s["scales"])
-        hits = (s["oracle"] == s["r_p"]).astype(float)  # [D, Q]
+        hits = agreement_hits(probs, s["oracle"]).astype(float)  # [D, Q]
         groups = np.tile([f"{k}/{p}" for p in s["pids"]], len(hits))
         diff = paired_bootstrap(100 * (hits.ravel() - d["chance_agreement"]), groups, n_resamples=resamples)[0]
         out["per_seed"].append({"agreement": d["agreement"], "chance": d["chance_agreement"], **_ci(diff)})
@@ -117,20 +117,14 @@ def by_noise(per_seed: list[dict]) -> dict:
             "rank1": (100 * hits / probes[:, None]).tolist()}
 
 
-def read_curve(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-
 def plateau(seed_dir: Path) -> dict:
     """Validation rank-1 per epoch of each model's phases (PRI, then each variant)."""
     models = {"PRI": seed_dir}
     models.update({v.name: v for v in sorted((seed_dir / "ablation").glob("*/"))})
     out = {}
     for name, d in models.items():
-        phases = {p: read_curve(d / f"{p}_curve.csv") for p in ("pretrain", "joint")}
+        phases = {p: read_curve(d / f"{p}_curve.csv") if (d / f"{p}_curve.csv").exists() else []
+                  for p in ("pretrain", "joint")}
         out[name] = {p: [e.get("val_rank1") for e in c] for p, c in phases.items()}
         if name != "PRI" and any(phases.values()):
             figures.training_curves(phases, seed_dir / f"{name}_curves.png",
