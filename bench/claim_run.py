@@ -9,8 +9,9 @@ For each seed k, in this DVC workspace:
 4. its table, curves, figures and per-probe records are copied to ``reports/claim/seed<k>/``
    (the variants' curves to ``seed<k>/ablation/<variant>/``; the seed's wall time in ``time.json``).
 
-Then ``lrreid compare`` pools the seeds' records into ``reports/claim/resplits.{md,json}``
-(paired identity-bootstrap intervals over every seed's test identities). params.yaml, data.dvc,
+Then ``lrreid compare --distinct-datasets`` pools the seeds' records into
+``reports/claim/resplits.{md,json}`` (paired identity-bootstrap intervals over every seed's test
+identities; each seed has its own people). params.yaml, data.dvc,
 dvc.lock and the tracked reports are restored from git at the end, and ``dvc checkout`` brings back their outputs;
 ``dvc exp apply claim-seed<k>`` brings back a seed's (e.g. for bench/bench_scale_content.py).
 
@@ -85,7 +86,7 @@ def main() -> None:
                   "makes them", flush=True)
     files = sorted(str(p) for p in OUT.glob("seed*/per_probe.parquet") if p.parent.name[4:].isdigit())  # not seed0-64x32
     if len(files) > 1:
-        sh("lrreid", "compare", *files, "--out", str(OUT))
+        sh("lrreid", "compare", *files, "--distinct-datasets", "--out", str(OUT))  # seed k: its own data
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Each file is one split's reports/eval/per_probe.parquet (the evaluate stage's re
 table gives every row's rank-1 / mAP as mean +- std over the splits (each split: the mean
 over its gallery draws), then the paired differences of the claims over all splits' records
 together, with 95% intervals from a bootstrap of the test identities (a person in the test
-set of several splits is one identity: its records go up and down together).
+set of several splits is one identity: its records go up and down together). Files from
+different datasets (e.g. other data seeds of the synthetic generator: bench/claim_run.py)
+take --distinct-datasets: person k of one file is then not person k of another.
 
 Inputs:  two or more per_probe.parquet files of the same rows, each from another split
 Outputs: <out>/resplits.md, <out>/resplits.json, <out>/paired_rank1.png, <out>/paired_mAP.png
@@ -32,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_params_arg(parser)
     parser.add_argument("files", nargs="+", type=Path, help="per_probe.parquet files, one per split")
     parser.add_argument("--out", type=Path, default=Path("reports/resplits"), help="output folder")
+    parser.add_argument("--distinct-datasets", action="store_true",
+                        help="the files come from different datasets: a person id names another identity in each file")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     tables = [read_table(f, C.PER_PROBE_SCHEMA) for f in args.files]
     rows = check_splits(tables, args.files)
     per_split = {r: [C.rank1_map(t, r) for t in tables] for r in rows}
-    pooled = pool(tables)
+    pooled = pool(tables, distinct_datasets=args.distinct_datasets)
     pairs = C.compare(pooled, C.claims(rows), n_resamples=params.evaluate.bootstrap)
     summary = {r: {m: {"mean": float(np.mean([s[m] for s in v])), "std": float(np.std([s[m] for s in v]))}
                    for m in ("rank1", "mAP")} for r, v in per_split.items()}
@@ -83,13 +87,20 @@ def check_splits(tables: list[pa.Table], files: list[Path]) -> list[str]:
     return rows
 
 
-def pool(tables: list[pa.Table]) -> pa.Table:
+def pool(tables: list[pa.Table], distinct_datasets: bool = False) -> pa.Table:
     """All splits' records as one table, probe ids prefixed with the split ("k/<image_id>"), so
-    that the records of two rows stay paired by (draw, probe) across splits."""
-    parts = [t.set_column(t.schema.get_field_index("image_id"), "image_id",
-                          pa.array([f"{k}/{i}" for i in t["image_id"].to_pylist()]))
-             for k, t in enumerate(tables)]
-    return pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
+    that the records of two rows stay paired by (draw, probe) across splits. With
+    ``distinct_datasets`` the person ids are made file-specific too (k * 2**32 + person_id), so
+    that the bootstrap resamples each file's identities on their own."""
+    parts = []
+    for k, t in enumerate(tables):
+        t = t.set_column(t.schema.get_field_index("image_id"), "image_id",
+                         pa.array([f"{k}/{i}" for i in t["image_id"].to_pylist()]))
+        if distinct_datasets:
+            pids = t["person_id"].to_numpy() + (k << 32)
+            t = t.set_column(t.schema.get_field_index("person_id"), "person_id", pa.array(pids, pa.int64()))
+        parts.append(t.replace_schema_metadata(None))
+    return pa.concat_tables(parts)
 
 
 def markdown(summary: dict, splits: int) -> str:

@@ -54,7 +54,8 @@ def test_goals_from_known_records(tmp_path, monkeypatch):
     seed_records(out / "seed0-64x32", best, best)  # an exploratory folder: not a seed of the preset
     (out / "resplits.json").write_text(json.dumps({"paired": [
         {"label": "Adaptive - best fixed", "rank1": {"mean": 1.0, "low": 0.2, "high": 1.8, "p_value": 0.01}},
-        {"label": "Ideal - Adaptive", "rank1": {"mean": 2.0, "low": -0.5, "high": 4.0, "p_value": 0.2}}]}))
+        {"label": "Ideal - Adaptive", "rank1": {"mean": 2.0, "low": -0.5, "high": 4.0, "p_value": 0.2}},
+        {"label": "Adaptive - PRI's F, bicubic probes", "rank1": {"mean": 0.5, "low": -0.1, "high": 1.1, "p_value": 0.1}}]}))
 
     claim_report.main(["--out", str(out)])
 
@@ -74,11 +75,13 @@ def test_goals_from_known_records(tmp_path, monkeypatch):
     level1 = [q for q, v in enumerate(sigmas[1]) if v == n["levels"][0]]
     assert n["r_p"][0] == (np.bincount(best[level0], minlength=4) + np.bincount((best[level1] + 1) % 4, minlength=4)).tolist()
     assert n["ties"] == [0] * len(n["levels"])  # one scale ranks first, the others third: never a tie
-    assert [g["label"] for g in report["paired"]] == ["Adaptive - best fixed", "Ideal - Adaptive"]
+    assert [g["label"] for g in report["paired"]] == ["Adaptive - best fixed", "Ideal - Adaptive",
+                                                      "Adaptive - PRI's F, bicubic probes"]
     assert report["plateau"][0]["PRI"]["joint"] == [40.0, 41.5]
     assert report["timing"][1]["wall_min"] == 10.0
     text = (out / "goals.md").read_text()
     assert "| 1 | Adaptive - best fixed | +1.0 [+0.2, +1.8] | 0.01 | yes |" in text
     assert "| 4 | Ideal - Adaptive | +2.0 [-0.5, +4.0] | 0.2 | no |" in text
+    assert "| G | Adaptive - PRI's F, bicubic probes | +0.5 [-0.1, +1.1] | 0.1 | no |" in text
     assert "| 0 | 100.0 | 25.0 |" in text and "| 1.2000 | 1.3000 | 1.1000 | 1.3863 |" in text
     assert (out / "r_p_by_noise.png").stat().st_size > 0 and (out / "oracle_by_noise.png").stat().st_size > 0

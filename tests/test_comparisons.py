@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from components import comparisons as C
+from components.data import table as T
 from tests.conftest import tiny_model_params
 
 
@@ -145,6 +146,11 @@ def test_compare_aggregates_splits_and_refuses_bad_files(scored, tmp_path, monke
     assert summary["rows"]["Fixed x2"]["rank1"]["mean"] == pytest.approx(
         np.mean([C.rank1_map(table, "Fixed x2")["rank1"], summary["per_split"]["Fixed x2"][1]["rank1"]]))
     assert "Adaptive - best fixed" in (tmp_path / "out" / "resplits.md").read_text()
+    # a person id is one identity across re-splits of one dataset, another one in each of distinct datasets
+    people = [set(T.read_table(f, C.PER_PROBE_SCHEMA)["person_id"].to_pylist()) for f in files]
+    assert f"of the {len(people[0] | people[1])} test identities" in (tmp_path / "out" / "resplits.md").read_text()
+    assert main(["compare", *map(str, files), "--out", "distinct", "--distinct-datasets"]) == 0
+    assert f"of the {len(people[0]) + len(people[1])} test identities" in (tmp_path / "distinct" / "resplits.md").read_text()
     assert (tmp_path / "out" / "paired_rank1.png").stat().st_size > 0
     # the same split twice, and a file without a row the others have
     assert main(["compare", str(files[0]), str(files[0]), "--out", "out2"]) == 2
