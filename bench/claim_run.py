@@ -43,16 +43,17 @@ def sh(*cmd: str, check: bool = True) -> int:
     return subprocess.run(cmd, check=check).returncode
 
 
-def write_params(base: dict, preset: str, seed: int) -> None:
-    """params.yaml for one seed: the preset on top of ``base``, the three seeds set to ``seed``."""
+def write_params(base: dict, preset: str, seed: int) -> dict:
+    """params.yaml for one seed: the preset on top of ``base``, the three seeds set to ``seed``; returns it."""
     seeds = {"data": {"synthetic": {"seed": seed}}, "degrade": {"seed": seed}, "split": {"seed": seed}}
     raw = merge(merge(base, preset_overrides(preset)), seeds)
     validate_params(raw, f"params.yaml + preset {preset} + seed {seed}")
     Path("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return raw
 
 
 def run_seed(base: dict, preset: str, seed: int) -> None:
-    write_params(base, preset, seed)
+    variants = write_params(base, preset, seed)["ablation"]["variants"]
     start = time.perf_counter()
     sh("lrreid", "synthesize")
     sh("dvc", "add", "-q", "data/raw")
@@ -62,11 +63,11 @@ def run_seed(base: dict, preset: str, seed: int) -> None:
     for name in COPIED:
         if Path(name).exists():
             shutil.copy2(name, out / Path(name).name)
-    for variant in Path("reports/ablation").glob("*/"):  # the variants' curves: Bicubic + F's plateau
-        (out / "ablation" / variant.name).mkdir(parents=True, exist_ok=True)
+    for variant in variants:  # the curves of the variants this run trained (the demo's others stay in git)
+        (out / "ablation" / variant).mkdir(parents=True, exist_ok=True)
         for name in ("pretrain_curve.csv", "joint_curve.csv", "pretrain.json", "train.json"):
-            if (variant / name).exists():
-                shutil.copy2(variant / name, out / "ablation" / variant.name / name)
+            if (Path("reports/ablation") / variant / name).exists():
+                shutil.copy2(Path("reports/ablation") / variant / name, out / "ablation" / variant / name)
     (out / "time.json").write_text(json.dumps({"seed": seed, "wall_seconds": time.perf_counter() - start}) + "\n")
 
 
