@@ -4,15 +4,13 @@ Tiny PRI weights saved like the train stage saves them, fake-but-valid
 reports/evaluate.json + ablation.md: versions, aliases (challenger on every
 version, champion only when rank-1 beats it on the same dataset + protocol),
 tags, description, the pyfunc model loaded back from the registry, and the
-query command in a fresh process.
+query command through the console script's main().
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,18 +179,18 @@ def test_query_command_and_errors(workdir, runs, capsys):
 
     Image.fromarray(rng.integers(0, 256, (8, 4, 4), dtype=np.uint8), "RGBA").save(probe)  # RGBA is converted
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = ["lrreid", "query", "--model", f"models:/{NAME}@champion", "--gallery", str(gallery), "--top-k", "3",
-           "--picture", str(workdir / "ranked.png"), str(probe)]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert any("person 2): r_p = x" in line and "P: x1" in line for line in lines), proc.stdout
+    # in-process: the console script's main() (its start-up, a fresh torch + MLflow import, costs ~10 s here)
+    capsys.readouterr()
+    assert main(["query", "--model", f"models:/{NAME}@champion", "--gallery", str(gallery), "--top-k", "3",
+                 "--picture", str(workdir / "ranked.png"), str(probe)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert any("person 2): r_p = x" in line and "P: x1" in line for line in lines), out
     rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2", "3"]
     person = {"0001_c1s1_000001_01.png": "1", "0002_c2s1_000002_01.png": "2", "0003_c1s1_000003_01.jpg": "3",
               "other.png": "?"}
-    assert all(person[r[1]] == r[2] for r in rows), proc.stdout  # ids parsed from Market-style names
+    assert all(person[r[1]] == r[2] for r in rows), out  # ids parsed from Market-style names
     distances = [float(r[3]) for r in rows]
     assert distances == sorted(distances)
     assert (workdir / "ranked.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

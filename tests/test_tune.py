@@ -181,7 +181,8 @@ def test_search_interrupted_resumed_reported_and_applied(ray_head, split_dir, tm
 
 def test_a_driver_without_the_clusters_token_is_told_how_to_join(ray_head, split_dir, tmp_path):
     _write(tmp_path, _params(tmp_path))
-    env = dict(_env(tmp_path, ray_head), RAY_AUTH_MODE="disabled")  # a shell without the cluster's setting
+    env = dict(_env(tmp_path, ray_head), RAY_AUTH_MODE="disabled",  # a shell without the cluster's setting
+               RAY_gcs_server_port_wait_time_s="2")  # ray.init's retries of the refused GCS: 2 s, not its 20
     done = subprocess.run(["lrreid", "tune", "--split", str(split_dir)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
