@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from bench import claim_report
 from components import comparisons as C
 from components.config import load_params
 from components.data.protocols import noise_sigma
@@ -16,8 +16,6 @@ from components.data.table import write_table
 from components.rows import ADAPTIVE
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import claim_report  # noqa: E402
 
 SCALES = [1.0, 2.0, 3.0, 4.0]
 IDS = [f"query/{p:04d}_c1s1_{i:06d}_00" for p in range(1, 5) for i in range(1, 4)]  # 4 people x 3 probes

@@ -140,11 +140,7 @@ def test_total_loss_weights():
 
 def test_gamma_1_labels_give_back_their_centred_distances():
     """bench/bench_label_gamma.py re-labels a trained bank at another gamma from its gamma-1 labels."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from bench_label_gamma import centred_terms
+    from bench.bench_label_gamma import centred_terms
 
     d = torch.rand(6, 4, dtype=torch.float64) * 3
     torch.testing.assert_close(centred_terms(soft_labels(d, 1.0).double()), d.mean(1, keepdim=True) - d,
